@@ -1,0 +1,130 @@
+"""Scaled dot-product attention (chapter 3), written once for NumPy and torch.
+
+Shape letters (see the notation page): ``...`` any leading batch/head dimensions,
+L queries, S keys, d_k the query/key width, d_v the value width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._backend import (
+    broadcast_shapes,
+    check_array,
+    check_float,
+    check_mask,
+    default_scale,
+    device_of,
+    namespace,
+    same_dtype,
+)
+from .masks import causal_mask
+from .softmax import softmax
+
+__all__ = ["attention_scores", "attention_weights", "scaled_dot_product_attention"]
+
+
+def _check_qkv(q: Any, k: Any, v: Any = None, mask: Any = None):
+    xp = namespace(q=q, k=k, v=v, mask=mask)
+    check_array(q, "q", min_ndim=2, shape_hint="(..., L, d_k)")
+    check_array(k, "k", min_ndim=2, shape_hint="(..., S, d_k)")
+    check_float(xp, "q", q)
+    check_float(xp, "k", k)
+    if v is not None:
+        check_array(v, "v", min_ndim=2, shape_hint="(..., S, d_v)")
+        check_float(xp, "v", v)
+    same_dtype({"q": q, "k": k, "v": v})
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same last dimension d_k; got q {tuple(q.shape)} "
+            f"and k {tuple(k.shape)}"
+        )
+    lead = {"q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2])}
+    if v is not None:
+        if v.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                f"k and v must have the same number of keys S (dimension -2); got "
+                f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+            )
+        lead["v"] = tuple(v.shape[:-2])
+    batch = broadcast_shapes(lead, "the leading (batch, head) dimensions of q, k and v")
+    return xp, (*batch, q.shape[-2], k.shape[-2])
+
+
+def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
+                     scale: float | None = None) -> Any:
+    """Masked, scaled scores ``q @ k^T * scale``: shape (..., L, S).
+
+    Entries a boolean mask or ``causal`` forbids are ``-inf``; a float mask is added.
+    Arguments as for :func:`scaled_dot_product_attention`.
+    """
+    xp, target = _check_qkv(q, k, mask=mask)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    scores = (q @ xp.matrix_transpose(k)) * scale  # (..., L, S)
+    allowed = None
+    if mask is not None:
+        mask = check_mask(xp, mask, target, like=scores)
+        if xp.isdtype(mask.dtype, "bool"):
+            allowed = mask
+        else:
+            scores = scores + mask
+    if causal:
+        c = causal_mask(target[-2], target[-1], like=q)  # (L, S), bottom-right aligned
+        allowed = c if allowed is None else xp.logical_and(allowed, c)
+    if allowed is not None:
+        neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=device_of(scores))
+        scores = xp.where(allowed, scores, neg_inf)
+    return scores
+
+
+def attention_weights(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
+                      scale: float | None = None) -> Any:
+    """Attention weights ``softmax(q @ k^T * scale)``: shape (..., L, S).
+
+    Each row is a probability distribution over the S keys; a row whose keys are all
+    masked is all zeros.  Arguments as for :func:`scaled_dot_product_attention`.
+    """
+    return softmax(attention_scores(q, k, mask, causal=causal, scale=scale), axis=-1)
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None, *,
+                                 causal: bool = False, scale: float | None = None) -> Any:
+    """``softmax(q @ k^T * scale + mask) @ v``, for NumPy arrays or torch tensors.
+
+    Args:
+        q: queries, (..., L, d_k).
+        k: keys, (..., S, d_k).
+        v: values, (..., S, d_v).  The leading dimensions of q, k and v broadcast.
+        mask: optional, broadcastable to (..., L, S).  Boolean: True = may attend
+            (as in ``F.scaled_dot_product_attention``).  Floating: added to the scores
+            (use ``-inf`` to forbid).  Integer masks are refused as ambiguous.
+        causal: forbid keys "in the future", **bottom-right aligned**: query i sits at
+            key position S - L + i and sees keys 0 .. S - L + i.  With L = S this is the
+            usual lower triangle; combined with ``mask`` by logical and.
+        scale: multiplies the scores; default 1/sqrt(d_k).
+
+    Returns:
+        (..., L, d_v), same backend, device and dtype as q.
+
+    Alignment when L != S (here L = 2, S = 4; 1 = may attend)::
+
+        attnlib causal=True (bottom-right)    torch SDPA is_causal=True (top-left)
+            k0 k1 k2 k3                           k0 k1 k2 k3
+        q0 [ 1  1  1  0 ]                     q0 [ 1  0  0  0 ]
+        q1 [ 1  1  1  1 ]                     q1 [ 1  1  0  0 ]
+
+    PyTorch's ``is_causal=True`` is top-left aligned (``tril(ones(L, S))``); its
+    bottom-right variant is ``torch.nn.attention.bias.causal_lower_right``.  The two
+    agree only when L = S.  attnlib chooses bottom-right because that is what decoding
+    with a KV cache needs: the new queries are the last L of the S positions.
+
+    A query whose keys are all masked gets zero weights and a zero output (not NaN),
+    with finite gradients.  Bad shapes, dtypes or mixed backends raise ``ValueError``
+    or ``TypeError`` naming the argument.  See chapter 3; the masks are chapter 8.
+    """
+    xp, _ = _check_qkv(q, k, v, mask)
+    weights = attention_weights(q, k, mask, causal=causal, scale=scale)  # (..., L, S)
+    return weights @ v  # (..., L, d_v)
