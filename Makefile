@@ -1,0 +1,52 @@
+# The two commands of the README:
+#   make book   set up .venv, build the HTML book (every notebook executed)
+#   make test   set up .venv, run the unit tests, every notebook under nbval, and the
+#               book build with warnings as errors
+# Both need only Python >= 3.10 on Linux or macOS; nothing is downloaded at run time
+# except the packages of requirements.txt, once.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# pytest-xdist workers for the notebooks (each notebook runs in one worker)
+JOBS   ?= 2
+
+export MPLBACKEND = Agg
+export PYDEVD_DISABLE_FILE_VALIDATION = 1
+
+.PHONY: book test unit notebooks book-strict clean venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build .
+	@echo
+	@echo "The book is at $(CURDIR)/_build/html/index.html (open it in a browser)."
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
+		-n $(JOBS) --dist loadscope chapters
+
+book-strict: $(STAMP)
+	rm -rf _build
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+test: unit notebooks book-strict
+	@echo
+	@echo "All tests passed: unit tests, notebooks (nbval), and the book build with -W."
+
+clean:
+	rm -rf _build .pytest_cache
