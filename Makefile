@@ -12,10 +12,9 @@ STAMP  := $(VENV)/.installed
 # pytest-xdist workers for the notebooks (each notebook runs in one worker)
 JOBS   ?= 2
 
-export MPLBACKEND = Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
-.PHONY: book test unit notebooks book-strict clean venv
+.PHONY: book test unit notebooks book-strict browser browser-deps clean venv
 
 venv: $(STAMP)
 
@@ -34,7 +33,7 @@ book: $(STAMP)
 	@echo "The book is at $(CURDIR)/_build/html/index.html (open it in a browser)."
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --ignore=tests/browser
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
@@ -44,9 +43,24 @@ book-strict: $(STAMP)
 	rm -rf _build
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
-test: unit notebooks book-strict
+# The rendered pages in headless Chromium (Debian's `chromium`), offline.  On CI the
+# browser is installed if missing; elsewhere the test skips when there is none.
+browser-deps:
+	@if [ -n "$$CI" ] && ! command -v chromium > /dev/null; then \
+		echo "CI: installing Debian's chromium for the browser test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium > /dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q > /dev/null && $$SUDO apt-get install -y -q chromium > /dev/null; }; \
+	fi
+
+browser: $(STAMP) browser-deps
+	@test -f _build/html/chapters/index.html || $(MAKE) book-strict
+	$(BIN)/python -m pytest -p no:cacheprovider tests/browser
+	@echo "Screenshots: $(CURDIR)/test-artifacts/screenshots/"
+
+test: unit notebooks book-strict browser
 	@echo
-	@echo "All tests passed: unit tests, notebooks (nbval), and the book build with -W."
+	@echo "All tests passed: unit tests, notebooks (nbval), the book build with -W, and the pages in a browser."
 
 clean:
 	rm -rf _build .pytest_cache

@@ -9,6 +9,7 @@ one value; the soft version blends all of them with softmax weights and is atten
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ._backend import device_of
@@ -46,10 +47,14 @@ def soft_lookup(q: Any, k: Any, v: Any, temperature: float = 1.0) -> Any:
     """A blend of all values with weights ``softmax(q @ k^T / temperature)``.
 
     This is attention with ``scale = 1 / temperature``.  As the temperature goes to
-    zero the weights become one-hot and the result approaches :func:`hard_lookup`; as
-    it grows the weights become uniform and the result approaches the mean of v.
+    zero the weights become one-hot and the result approaches :func:`hard_lookup`
+    (when a query ties between several best keys, it approaches the mean of their
+    values instead, while :func:`hard_lookup` picks the first); as it grows the weights
+    become uniform and the result approaches the mean of v.
+
+    ``temperature`` is a positive real number (Python or NumPy scalar).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
-    return scaled_dot_product_attention(q, k, v, scale=1.0 / temperature)
+    return scaled_dot_product_attention(q, k, v, scale=1.0 / float(temperature))

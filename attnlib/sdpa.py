@@ -7,6 +7,7 @@ L queries, S keys, d_k the query/key width, d_v the value width.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ._backend import (
@@ -61,8 +62,9 @@ def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
     """
     xp, target = _check_qkv(q, k, mask=mask)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number; got {scale!r}")
+    scale = float(scale)
     scores = (q @ xp.matrix_transpose(k)) * scale  # (..., L, S)
     allowed = None
     if mask is not None:
