@@ -1,20 +1,34 @@
 """attnlib: the companion library of the course on attention.
 
-Every chapter of the book imports it.  The modules follow the book:
+Every chapter of the book imports it, and its modules follow the book, so a reader who
+has finished a chapter knows where its code lives:
 
-==================  =========================================================
-``attnlib.lookup``  chapter 1: hard and soft lookups
-``attnlib.softmax`` chapters 1 and 3: stable softmax and log-sum-exp
-``attnlib.sdpa``    chapter 3: scaled dot-product attention
-``attnlib.masks``   chapters 3 and 8: causal and padding masks
-==================  =========================================================
+========================  ======================================================
+``attnlib.lookup``        ch. 1   hard and soft lookups
+``attnlib.softmax``       ch. 1, 3  stable softmax and log-sum-exp
+``attnlib.smoothing``     ch. 2   Nadaraya-Watson kernel smoothing
+``attnlib.sdpa``          ch. 3   scaled dot-product attention
+``attnlib.cost``          ch. 3   FLOP and memory counts
+``attnlib.backward``      ch. 4   the backward pass by hand
+``attnlib.scoring``       ch. 5   dot, bilinear, additive and cosine scores
+``attnlib.projections``   ch. 6   single-head attention with explicit W_Q, W_K, W_V
+``attnlib.multihead``     ch. 7   split heads, attend, merge
+``attnlib.masks``         ch. 3, 8  causal, padding, window and function masks
+``attnlib.nn``            ch. 6, 7, 10 and Part III: PyTorch modules
+========================  ======================================================
 
-Every function takes NumPy arrays or torch tensors and returns the same kind.
+Every function takes NumPy arrays or torch tensors and returns the same kind; the core
+below is importable from ``attnlib`` directly.
 """
 
 from .lookup import hard_lookup, hard_lookup_weights, soft_lookup
 from .masks import causal_mask, padding_mask
-from .sdpa import attention_scores, attention_weights, scaled_dot_product_attention
+from .sdpa import (
+    attention_scores,
+    attention_weights,
+    mask_scores,
+    scaled_dot_product_attention,
+)
 from .softmax import logsumexp, softmax
 
 __version__ = "0.1.0"
@@ -26,6 +40,7 @@ __all__ = [
     "hard_lookup",
     "hard_lookup_weights",
     "logsumexp",
+    "mask_scores",
     "padding_mask",
     "scaled_dot_product_attention",
     "soft_lookup",

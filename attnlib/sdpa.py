@@ -23,7 +23,7 @@ from ._backend import (
 from .masks import causal_mask
 from .softmax import softmax
 
-__all__ = ["attention_scores", "attention_weights", "scaled_dot_product_attention"]
+__all__ = ["attention_scores", "attention_weights", "mask_scores", "scaled_dot_product_attention"]
 
 
 def _check_qkv(q: Any, k: Any, v: Any = None, mask: Any = None):
@@ -66,6 +66,11 @@ def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
         raise ValueError(f"scale must be a finite real number; got {scale!r}")
     scale = float(scale)
     scores = (q @ xp.matrix_transpose(k)) * scale  # (..., L, S)
+    return _apply_mask(xp, scores, mask, causal, target)
+
+
+def _apply_mask(xp, scores, mask, causal, target):
+    """Forbidden entries of (..., L, S) scores to -inf; a float mask added."""
     allowed = None
     if mask is not None:
         mask = check_mask(xp, mask, target, like=scores)
@@ -74,12 +79,26 @@ def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
         else:
             scores = scores + mask
     if causal:
-        c = causal_mask(target[-2], target[-1], like=q)  # (L, S), bottom-right aligned
+        c = causal_mask(target[-2], target[-1], like=scores)  # (L, S), bottom-right aligned
         allowed = c if allowed is None else xp.logical_and(allowed, c)
     if allowed is not None:
         neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=device_of(scores))
         scores = xp.where(allowed, scores, neg_inf)
     return scores
+
+
+def mask_scores(scores: Any, mask: Any = None, *, causal: bool = False) -> Any:
+    """Apply an attention mask to scores of any origin: shape (..., L, S) in and out.
+
+    Same convention as :func:`scaled_dot_product_attention`: a boolean mask is True
+    where a query may attend (forbidden entries become ``-inf``); a floating mask is
+    added; ``causal=True`` is bottom-right aligned and combines with ``mask`` by logical
+    and.  Chapter 5 uses it for scores that are not dot products.
+    """
+    xp = namespace(scores=scores, mask=mask)
+    check_array(scores, "scores", min_ndim=2, shape_hint="(..., L, S)")
+    check_float(xp, "scores", scores)
+    return _apply_mask(xp, scores, mask, causal, tuple(scores.shape))
 
 
 def attention_weights(q: Any, k: Any, mask: Any = None, *, causal: bool = False,

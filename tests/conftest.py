@@ -14,7 +14,7 @@ def to_backend(x, backend, dtype=None, requires_grad=False):
         x = x.astype(dtype)
     if backend == "numpy":
         return x
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.array(x, order="C", copy=True))  # keeps 0-d arrays 0-d
     return t.requires_grad_(requires_grad) if requires_grad else t
 
 
