@@ -13,6 +13,9 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
+# Notebook kernels started by the tests run tests/offline's start-up file, which makes
+# every network connection fail (the book must not download anything at run time).
+OFFLINE := IPYTHONDIR=$(CURDIR)/tests/offline
 
 .PHONY: book test unit notebooks book-strict browser browser-deps clean venv lint-workflow
 
@@ -36,12 +39,12 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/browser
 
 notebooks: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
+	$(OFFLINE) $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
 		-n $(JOBS) --dist loadscope chapters
 
 book-strict: $(STAMP)
 	rm -rf _build
-	$(BIN)/jupyter-book build . -W -n --keep-going
+	$(OFFLINE) $(BIN)/jupyter-book build . -W -n --keep-going
 
 # The rendered pages in headless Chromium (Debian's `chromium`), offline.  On CI the
 # browser is installed if missing; elsewhere the test skips when there is none.
