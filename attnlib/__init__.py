@@ -14,7 +14,15 @@ has finished a chapter knows where its code lives:
 ``attnlib.projections``   ch. 6   single-head attention with explicit W_Q, W_K, W_V
 ``attnlib.multihead``     ch. 7   split heads, attend, merge
 ``attnlib.masks``         ch. 3, 8  causal, padding, window and function masks
-``attnlib.nn``            ch. 6, 7, 10 and Part III: PyTorch modules
+``attnlib.positions``     ch. 9   sinusoidal, ALiBi and rotary positions
+``attnlib.kv_cache``      ch. 11  the KV cache and its size for real models
+``attnlib.sparse``        ch. 14  sparse patterns and block-sparse attention
+``attnlib.linear_attention`` ch. 14  linear (feature-map) attention
+``attnlib.flash``         ch. 15  online softmax, tiled attention, memory traffic
+``attnlib.kernels``       ch. 16, 17  Triton kernels (FlashAttention, paged decode)
+``attnlib.paged``         ch. 17  block allocator, paged KV cache, serving trace
+``attnlib.pretrained``    ch. 18  all-MiniLM-L6-v2 rebuilt with attnlib
+``attnlib.nn``            ch. 6, 7, 10, 12, 13: PyTorch modules
 ========================  ======================================================
 
 Every function takes NumPy arrays or torch tensors and returns the same kind; the core

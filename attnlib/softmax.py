@@ -8,6 +8,7 @@ nothing) gives zeros, not NaN, and passes finite gradients.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ._backend import check_array, check_float, namespace
@@ -52,5 +53,9 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     check_float(xp, "x", x)
     check_array(x, "x", min_ndim=1)
     m = _safe_max(xp, x, axis)
-    out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
+    # log(0) = -inf for empty rows, without NumPy's divide-by-zero warning
+    log_total = xp.log(xp.where(total > 0, total, xp.ones_like(total)))
+    neg_inf = xp.full_like(total, -math.inf)
+    out = xp.where(total > 0, log_total, neg_inf) + m
     return out if keepdims else xp.squeeze(out, axis=axis)

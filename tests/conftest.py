@@ -1,8 +1,15 @@
 """Shared helpers: backends, dtypes and an independent float64 reference."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Triton kernels run on the CPU through Triton's interpreter, which must be chosen before
+# anything imports triton (torch's flex_attention does, for one); on a GPU they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from offline.no_network import install as _block_network
 

@@ -1,12 +1,26 @@
 """PyTorch modules built on attnlib's functions.
 
-======================================  =========================================
-``attnlib.nn.Attention``                ch. 6   single-head self/cross-attention
-``attnlib.nn.MultiHeadAttention``       ch. 7   multi-head attention
-======================================  =========================================
+==========================================  =============================================
+``attnlib.nn.Attention``                    ch. 6   single-head self/cross-attention
+``attnlib.nn.MultiHeadAttention``           ch. 7   multi-head attention
+``attnlib.nn.TinyTransformer``              ch. 10  a small decoder-only Transformer
+``attnlib.nn.GroupedQueryAttention``        ch. 12  MQA / GQA / MHA with RoPE and a KV cache
+``attnlib.nn.MultiHeadLatentAttention``     ch. 13  DeepSeek-V2's MLA with decoupled RoPE
+==========================================  =============================================
 """
 
 from .attention import Attention
+from .gqa import GroupedQueryAttention, mha_to_gqa
+from .mla import MLACache, MultiHeadLatentAttention
 from .multihead import MultiHeadAttention
+from .transformer import TinyTransformer
 
-__all__ = ["Attention", "MultiHeadAttention"]
+__all__ = [
+    "Attention",
+    "GroupedQueryAttention",
+    "MLACache",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "TinyTransformer",
+    "mha_to_gqa",
+]

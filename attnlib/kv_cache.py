@@ -1,0 +1,376 @@
+"""The KV cache for incremental decoding, and what it costs in memory (chapters 11-13).
+
+A decoder generates one token at a time.  With a causal mask, the keys and values of
+the positions already processed never change when a new token arrives, so they are
+computed once and kept: the **KV cache**.  Each decoding step then projects only the
+new token, appends its key and value to the cache, and lets its query attend to every
+cached key (a query of length L = 1 against S keys, **bottom-right** aligned: the new
+query is the last of the S positions; chapters 8 and 11).
+
+:class:`KVCache` holds one attention layer's keys (..., S, d_k) and values (..., S, d_v),
+usually (B, H_kv, S, d); a model keeps one per layer.  It works for NumPy arrays and
+torch tensors alike (the first ``append`` decides the backend, device and dtype).
+
+The memory helpers count what such a cache costs per token, for every kind of layer
+the book covers::
+
+    MHA   2 * H   * d_h      elements per token and layer   (chapter 11)
+    GQA   2 * H_kv * d_h     (1 < H_kv < H)                 (chapter 12)
+    MQA   2 * d_h            (H_kv = 1)                     (chapter 12)
+    MLA   d_c + d_h^R        (latent + shared RoPE key)     (chapter 13)
+
+times the number of layers and the bytes per element (2 for float16/bfloat16).
+:data:`PUBLISHED_CONFIGS` holds the attention shapes of a few published models.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from ._backend import check_array, device_of, namespace
+
+__all__ = [
+    "PUBLISHED_CONFIGS",
+    "CacheConfig",
+    "KVCache",
+    "kv_cache_bytes",
+    "kv_cache_bytes_per_token",
+    "kv_cache_elements_per_token",
+    "mla_cache_elements_per_token",
+]
+
+
+def _check_int(name: str, n: Any, minimum: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {n!r}")
+    return int(n)
+
+
+# ------------------------------------------------------------------------------ the cache
+class KVCache:
+    """One layer's cache of keys and values, for incremental (token-by-token) decoding.
+
+    Args:
+        capacity: the most positions it may hold.  An int preallocates buffers of that
+            length on the first :meth:`append` (as serving systems do: no copy ever,
+            and a clear error when full).  ``None`` (default) grows without limit: the
+            buffers double when full, so appending n tokens one by one copies O(n)
+            elements in all.
+
+    Each :meth:`append(k, v) <append>` takes the keys (..., L, d_k) and values
+    (..., L, d_v) of L new positions, usually (B, H_kv, L, d), and returns the keys
+    (..., S, d_k) and values (..., S, d_v) of **all** S positions so far, ready for
+    attention with a bottom-right causal mask.  The leading dimensions, d_k, d_v, dtype,
+    backend and device are fixed by the first append.
+
+    The returned arrays are views of the cache's buffers (no copy).  Decoding is
+    inference: with torch, run it under ``torch.no_grad()``.  See chapter 11.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = None if capacity is None else _check_int("capacity", capacity, 1)
+        self._k = None  # (..., allocated, d_k) buffer
+        self._v = None  # (..., allocated, d_v) buffer
+        self._length = 0
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """S, the number of positions held."""
+        return self._length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def allocated(self) -> int:
+        """The number of positions the buffers have room for (0 before the first append)."""
+        return 0 if self._k is None else self._k.shape[-2]
+
+    @property
+    def keys(self):
+        """The cached keys (..., S, d_k), a view; ``None`` before the first append."""
+        return None if self._k is None else self._k[..., : self._length, :]
+
+    @property
+    def values(self):
+        """The cached values (..., S, d_v), a view; ``None`` before the first append."""
+        return None if self._v is None else self._v[..., : self._length, :]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (the filled part, not the allocation)."""
+        if self._k is None:
+            return 0
+        item = self._k.dtype.itemsize
+        per_position = math.prod(self._k.shape[:-2]) * (self._k.shape[-1] + self._v.shape[-1])
+        return per_position * self._length * item
+
+    # -- changes -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every position (length 0), keeping the buffers for the next sequence."""
+        self._length = 0
+
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` positions (e.g. to retry from a shorter prefix)."""
+        length = _check_int("length", length, 0)
+        if length > self._length:
+            raise ValueError(f"cannot crop to length = {length}: the cache holds only "
+                             f"{self._length} positions")
+        self._length = length
+
+    def append(self, k: Any, v: Any):
+        """Append L new positions and return the keys and values of all S so far.
+
+        Args:
+            k: keys of the new positions, (..., L, d_k), e.g. (B, H_kv, L, d_k).
+            v: values of the new positions, (..., L, d_v).
+
+        Returns:
+            ``(keys, values)``, (..., S, d_k) and (..., S, d_v) with S = old length + L.
+
+        Raises:
+            ValueError: the cache would exceed its ``capacity``, or k and v do not match
+                each other or what was appended before.
+            TypeError: not arrays, not floating, or another backend, device or dtype.
+        """
+        xp = self._check_new(k, v)
+        L = k.shape[-2]
+        start, stop = self._length, self._length + L
+        if self.capacity is not None and stop > self.capacity:
+            raise ValueError(
+                f"KVCache is full: capacity = {self.capacity} positions, it holds "
+                f"{self._length}, and append got L = {L} more (k of shape "
+                f"{tuple(k.shape)}); make the cache larger or crop/reset it")
+        self._reserve(xp, k, v, stop)
+        self._k[..., start:stop, :] = k
+        self._v[..., start:stop, :] = v
+        self._length = stop
+        return self.keys, self.values  # (..., S, d_k), (..., S, d_v)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _check_new(self, k: Any, v: Any):
+        check_array(k, "k", min_ndim=2, shape_hint="(..., L, d_k)")
+        check_array(v, "v", min_ndim=2, shape_hint="(..., L, d_v)")
+        like = {} if self._k is None else {"cache": self._k}
+        xp = namespace(k=k, v=v, **like)
+        for name, x in (("k", k), ("v", v)):
+            if not xp.isdtype(x.dtype, "real floating"):
+                raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+        if k.dtype != v.dtype:
+            raise TypeError(f"k and v must share one dtype; got k {k.dtype} and v {v.dtype}")
+        if k.shape[:-1] != v.shape[:-1]:
+            raise ValueError(
+                f"k and v must agree on every dimension but the last, (..., L); got k "
+                f"{tuple(k.shape)} and v {tuple(v.shape)}")
+        if self._k is not None:
+            want_k = (*self._k.shape[:-2], "L", self._k.shape[-1])
+            want_v = (*self._v.shape[:-2], "L", self._v.shape[-1])
+            if k.shape[:-2] != self._k.shape[:-2] or k.shape[-1] != self._k.shape[-1] \
+                    or v.shape[-1] != self._v.shape[-1]:
+                raise ValueError(
+                    f"this cache holds keys of shape {want_k} and values {want_v}; got k "
+                    f"{tuple(k.shape)} and v {tuple(v.shape)}")
+            if k.dtype != self._k.dtype:
+                raise TypeError(f"this cache holds {self._k.dtype}; got k and v of "
+                                f"dtype {k.dtype}")
+        return xp
+
+    def _reserve(self, xp, k: Any, v: Any, needed: int) -> None:
+        """Make the buffers hold at least ``needed`` positions."""
+        if self.allocated >= needed:
+            return
+        if self.capacity is not None:
+            size = self.capacity
+        else:  # grow geometrically: amortised O(1) copying per appended position
+            size = max(needed, 2 * self.allocated, 16)
+        lead, device = k.shape[:-2], device_of(k)
+        new_k = xp.zeros((*lead, size, k.shape[-1]), dtype=k.dtype, device=device)
+        new_v = xp.zeros((*lead, size, v.shape[-1]), dtype=v.dtype, device=device)
+        if self._k is not None and self._length:
+            new_k[..., : self._length, :] = self._k[..., : self._length, :]
+            new_v[..., : self._length, :] = self._v[..., : self._length, :]
+        self._k, self._v = new_k, new_v
+
+    def __repr__(self) -> str:
+        shape = "empty" if self._k is None else \
+            f"keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}"
+        cap = "growing" if self.capacity is None else f"capacity={self.capacity}"
+        return f"KVCache({cap}, length={self._length}, {shape})"
+
+
+# ------------------------------------------------------------------- memory per token
+def kv_cache_elements_per_token(n_kv_heads: int, head_dim: int,
+                                v_head_dim: int | None = None) -> int:
+    """Elements cached per token **and per layer** by MHA, GQA or MQA.
+
+    ``n_kv_heads * (d_k + d_v)``: one key and one value per key/value head.  With
+    ``d_v = d_k = d_h`` this is ``2 * H_kv * d_h``: MHA has H_kv = H, MQA H_kv = 1 and
+    GQA anything between (chapters 11 and 12).
+
+    Args:
+        n_kv_heads: H_kv.
+        head_dim: d_k, the key width of a head.
+        v_head_dim: d_v (default ``head_dim``).
+    """
+    n_kv_heads = _check_int("n_kv_heads", n_kv_heads, 1)
+    d_k = _check_int("head_dim", head_dim, 1)
+    d_v = d_k if v_head_dim is None else _check_int("v_head_dim", v_head_dim, 1)
+    return n_kv_heads * (d_k + d_v)
+
+
+def mla_cache_elements_per_token(kv_lora_rank: int, rope_head_dim: int) -> int:
+    """Elements cached per token **and per layer** by multi-head latent attention (MLA).
+
+    MLA (DeepSeek-V2) caches one compressed latent c^KV of width d_c
+    (``kv_lora_rank``), from which every head's keys and values are rebuilt, and one
+    RoPE key of width d_h^R (``rope_head_dim``) shared by all heads: ``d_c + d_h^R``
+    elements, whatever the number of heads.  DeepSeek-V2: 512 + 64 = 576, against
+    2 * 128 * 128 = 32,768 for multi-head attention with its 128 heads of width 128.
+    Chapter 13 builds MLA.
+    """
+    d_c = _check_int("kv_lora_rank", kv_lora_rank, 1)
+    d_r = _check_int("rope_head_dim", rope_head_dim, 0)
+    return d_c + d_r
+
+
+def kv_cache_bytes_per_token(*, n_layers: int, n_kv_heads: int | None = None,
+                             head_dim: int | None = None, v_head_dim: int | None = None,
+                             kv_lora_rank: int | None = None,
+                             rope_head_dim: int | None = None,
+                             bytes_per_element: float = 2) -> float:
+    """Bytes of KV cache one token costs in a whole model (all layers).
+
+    Either MHA/GQA/MQA (give ``n_kv_heads`` and ``head_dim``, optionally
+    ``v_head_dim``)::
+
+        n_layers * n_kv_heads * (d_k + d_v) * bytes_per_element
+        = 2 * n_layers * H_kv * d_h * bytes          (d_k = d_v = d_h)
+
+    or MLA (give ``kv_lora_rank`` d_c and ``rope_head_dim`` d_h^R)::
+
+        n_layers * (d_c + d_h^R) * bytes_per_element
+
+    Args:
+        n_layers: number of attention layers.
+        bytes_per_element: 2 for float16/bfloat16 (the default), 4 for float32, 1 for
+            8-bit caches.
+
+    Returns:
+        Bytes per token (a float if ``bytes_per_element`` is).  Multiply by the batch
+        size and the number of tokens for a whole cache (:func:`kv_cache_bytes`).
+    """
+    n_layers = _check_int("n_layers", n_layers, 1)
+    if isinstance(bytes_per_element, bool) or not isinstance(bytes_per_element, numbers.Real) \
+            or not bytes_per_element > 0:
+        raise ValueError(f"bytes_per_element must be a positive number; got "
+                         f"{bytes_per_element!r}")
+    mla = kv_lora_rank is not None or rope_head_dim is not None
+    heads = n_kv_heads is not None or head_dim is not None or v_head_dim is not None
+    if mla == heads:
+        raise ValueError(
+            "give either n_kv_heads and head_dim (MHA, GQA, MQA) or kv_lora_rank and "
+            f"rope_head_dim (MLA); got n_kv_heads={n_kv_heads}, head_dim={head_dim}, "
+            f"v_head_dim={v_head_dim}, kv_lora_rank={kv_lora_rank}, "
+            f"rope_head_dim={rope_head_dim}")
+    if mla:
+        if kv_lora_rank is None or rope_head_dim is None:
+            raise ValueError(f"MLA needs both kv_lora_rank and rope_head_dim; got "
+                             f"kv_lora_rank={kv_lora_rank}, rope_head_dim={rope_head_dim}")
+        per_layer = mla_cache_elements_per_token(kv_lora_rank, rope_head_dim)
+    else:
+        if n_kv_heads is None or head_dim is None:
+            raise ValueError(f"MHA/GQA/MQA need both n_kv_heads and head_dim; got "
+                             f"n_kv_heads={n_kv_heads}, head_dim={head_dim}")
+        per_layer = kv_cache_elements_per_token(n_kv_heads, head_dim, v_head_dim)
+    return n_layers * per_layer * bytes_per_element
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The attention shape of a model, as far as its KV cache is concerned.
+
+    Attributes:
+        name: a label for tables.
+        n_layers: number of attention layers.
+        n_heads: H, query heads per layer.
+        head_dim: d_h, the width of a query/key head (and of a value head unless
+            ``v_head_dim`` is given).
+        n_kv_heads: H_kv (default H, i.e. MHA; 1 is MQA).  Ignored for MLA.
+        v_head_dim: d_v when it differs from d_h.
+        kv_lora_rank: d_c, MLA's latent width; set it (with ``rope_head_dim``) for MLA.
+        rope_head_dim: d_h^R, the width of MLA's shared RoPE key.
+        d_model: the model width (for reference; not used by the cache size).
+        source: a citation key or note saying where the numbers come from.
+    """
+
+    name: str
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int | None = None
+    v_head_dim: int | None = None
+    kv_lora_rank: int | None = None
+    rope_head_dim: int | None = None
+    d_model: int | None = None
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``"MLA"``, ``"MHA"`` (H_kv = H), ``"MQA"`` (H_kv = 1) or ``"GQA"``."""
+        if self.kv_lora_rank is not None:
+            return "MLA"
+        h_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        return "MHA" if h_kv == self.n_heads else "MQA" if h_kv == 1 else "GQA"
+
+    def elements_per_token_per_layer(self) -> int:
+        """Cached elements per token and layer (see the module docstring)."""
+        if self.kind == "MLA":
+            return mla_cache_elements_per_token(self.kv_lora_rank, self.rope_head_dim or 0)
+        h_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        return kv_cache_elements_per_token(h_kv, self.head_dim, self.v_head_dim)
+
+    def bytes_per_token(self, bytes_per_element: float = 2) -> float:
+        """Bytes of KV cache per token over all layers (2 bytes per element default)."""
+        if self.kind == "MLA":
+            return kv_cache_bytes_per_token(n_layers=self.n_layers,
+                                            kv_lora_rank=self.kv_lora_rank,
+                                            rope_head_dim=self.rope_head_dim or 0,
+                                            bytes_per_element=bytes_per_element)
+        h_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        return kv_cache_bytes_per_token(n_layers=self.n_layers, n_kv_heads=h_kv,
+                                        head_dim=self.head_dim, v_head_dim=self.v_head_dim,
+                                        bytes_per_element=bytes_per_element)
+
+
+def kv_cache_bytes(config: CacheConfig, n_tokens: int, batch_size: int = 1, *,
+                   bytes_per_element: float = 2) -> float:
+    """Bytes of a whole KV cache: ``batch_size * n_tokens * bytes per token``."""
+    if not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a CacheConfig; got {type(config).__name__}")
+    n_tokens = _check_int("n_tokens", n_tokens, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    return batch_size * n_tokens * config.bytes_per_token(bytes_per_element)
+
+
+#: Attention shapes of published models (from their papers and released configuration
+#: files).  ``"DeepSeek-V2 as MHA"`` is the comparison the DeepSeek-V2 paper makes:
+#: the same 128 heads of width 128, with ordinary keys and values cached.
+PUBLISHED_CONFIGS: dict[str, CacheConfig] = {c.name: c for c in [
+    CacheConfig("Llama-2-7B", n_layers=32, n_heads=32, head_dim=128, n_kv_heads=32,
+                d_model=4096, source="touvron2023llama2"),
+    CacheConfig("Llama-2-70B", n_layers=80, n_heads=64, head_dim=128, n_kv_heads=8,
+                d_model=8192, source="touvron2023llama2"),
+    CacheConfig("Mistral-7B", n_layers=32, n_heads=32, head_dim=128, n_kv_heads=8,
+                d_model=4096, source="jiang2023mistral"),
+    CacheConfig("Falcon-7B", n_layers=32, n_heads=71, head_dim=64, n_kv_heads=1,
+                d_model=4544, source="almazrouei2023falcon"),
+    CacheConfig("DeepSeek-V2", n_layers=60, n_heads=128, head_dim=128,
+                kv_lora_rank=512, rope_head_dim=64, d_model=5120,
+                source="deepseekai2024deepseekv2"),
+    CacheConfig("DeepSeek-V2 as MHA", n_layers=60, n_heads=128, head_dim=128,
+                n_kv_heads=128, d_model=5120, source="deepseekai2024deepseekv2"),
+]}

@@ -1,0 +1,249 @@
+"""A small decoder-only Transformer built from attnlib's modules (chapters 9 and 10).
+
+::
+
+    tokens (B, n) -> token embedding + positions            (B, n, d_model)
+                  -> n_layers x Block:
+                        x = x + MultiHeadAttention(LayerNorm(x), causal)
+                        x = x + MLP(LayerNorm(x))           (pre-norm, as GPT-2)
+                  -> LayerNorm -> unembedding               (B, n, vocab_size)
+
+Positions are one of ``"learned"`` (GPT-2's absolute table,
+:class:`LearnedPositionEmbedding`), ``"sinusoidal"`` (Vaswani et al.), ``"alibi"``
+(a per-head bias on the scores, passed to the attention as a float mask) or ``"none"``.
+RoPE needs a hook between the projections and the scores, which
+:class:`attnlib.nn.multihead.MultiHeadAttention` does not offer; chapter 9 applies it
+with :func:`attnlib.positions.apply_rope` directly.
+
+Also here: :func:`ablate_heads`, which silences chosen heads by zeroing their columns of
+the output projection, and :func:`train`, a short AdamW loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..positions import alibi_bias, sinusoidal_positions
+from .multihead import MultiHeadAttention
+
+__all__ = ["LearnedPositionEmbedding", "MLP", "Block", "TinyTransformer", "ablate_heads",
+           "train", "accuracy"]
+
+_POSITIONS = ("learned", "sinusoidal", "alibi", "none")
+
+
+def _positive_int(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be a positive integer; got {n!r}")
+    return int(n)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """GPT-2's absolute positions: one learned vector per position, ``max_len`` of them.
+
+    ``forward(n, offset=0)`` returns rows ``offset .. offset+n-1`` of the table,
+    (n, d_model), to be added to the token embeddings.  There is no vector for a
+    position at or beyond ``max_len``: asking for one raises ``ValueError`` (chapter 9).
+    """
+
+    def __init__(self, max_len: int, d_model: int, *, std: float = 0.02,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.max_len = _positive_int("max_len", max_len)
+        self.d_model = _positive_int("d_model", d_model)
+        self.weight = nn.Parameter(torch.empty(max_len, d_model, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=std)  # GPT-2 uses std = 0.02
+
+    def forward(self, n: int, offset: int = 0) -> torch.Tensor:
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer; got {offset!r}")
+        if offset + n > self.max_len:
+            raise ValueError(
+                f"positions {offset} .. {offset + n - 1} requested, but the table has only "
+                f"max_len = {self.max_len} learned positions (0 .. {self.max_len - 1})")
+        return self.weight[offset: offset + n]  # (n, d_model)
+
+    def extra_repr(self) -> str:
+        return f"max_len={self.max_len}, d_model={self.d_model}"
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward layer: Linear(d, 4d) -> GELU -> Linear(4d, d)."""
+
+    def __init__(self, d_model: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = 4 * d_model if hidden is None else hidden
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))  # (..., d_model)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block: causal multi-head self-attention, then an MLP.
+
+    ``forward(x, mask=None)`` with x (B, n, d_model) returns ``(x, weights)``: the new
+    residual stream (B, n, d_model) and the per-head attention weights (B, H, n, n).
+    ``mask`` is an optional float or boolean mask broadcastable to (B, H, n, n), added to
+    (or combined with) the causal mask; ALiBi's bias goes here.  ``mlp=False`` gives an
+    attention-only block.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, mlp: bool = True) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads)
+        self.ln_mlp = nn.LayerNorm(d_model) if mlp else None
+        self.mlp = MLP(d_model) if mlp else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        h, weights = self.attn(self.ln_attn(x), mask=mask, causal=True,
+                               return_weights=True, average_weights=False)
+        x = x + h  # (B, n, d_model)
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_mlp(x))
+        return x, weights  # (B, n, d_model), (B, H, n, n)
+
+
+class TinyTransformer(nn.Module):
+    """A decoder-only Transformer small enough to train on a CPU in seconds.
+
+    Args:
+        vocab_size: number of token ids.
+        d_model: width of the residual stream.
+        n_heads: heads per layer (must divide d_model).
+        n_layers: number of blocks.
+        max_len: longest sequence (the size of the learned position table).
+        positions: ``"learned"``, ``"sinusoidal"``, ``"alibi"`` or ``"none"``.
+        mlp: include the MLP in each block (``False``: attention-only, as in the
+            circuits analyses of Elhage et al. 2021).
+        embed_std: standard deviation of the initial token (and learned position)
+            embeddings; GPT-2 uses 0.02, ``nn.Embedding``'s default is 1.  On tiny
+            tasks it changes how fast a circuit forms (chapter 10).
+
+    ``forward(tokens)`` with tokens (B, n) of integer ids returns logits
+    (B, n, vocab_size); with ``return_weights=True`` also a list of per-layer attention
+    weights, each (B, H, n, n).  Position t's logits depend on tokens 0 .. t only.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 64, n_heads: int = 2,
+                 n_layers: int = 2, max_len: int = 64, *, positions: str = "learned",
+                 mlp: bool = True, embed_std: float = 0.02) -> None:
+        super().__init__()
+        if positions not in _POSITIONS:
+            raise ValueError(f"positions must be one of {_POSITIONS}; got {positions!r}")
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.max_len = _positive_int("max_len", max_len)
+        self.n_heads, self.positions = n_heads, positions
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=embed_std)
+        self.pos = (LearnedPositionEmbedding(max_len, d_model, std=embed_std)
+                    if positions == "learned" else None)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp=mlp) for _ in range(n_layers))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, vocab_size, bias=False)
+
+    def _check_tokens(self, tokens) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
+            raise TypeError(f"tokens must be an integer torch tensor (B, n); got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, n); got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence length n = {tokens.shape[1]} exceeds "
+                             f"max_len = {self.max_len}")
+
+    def _position_terms(self, n: int, like: torch.Tensor):
+        """What the positions add to the input (n, d_model), and the score bias."""
+        if self.positions == "learned":
+            return self.pos(n), None
+        if self.positions == "sinusoidal":
+            return sinusoidal_positions(n, like.shape[-1], like=like), None
+        if self.positions == "alibi":
+            return None, alibi_bias(self.n_heads, n, like=like)  # (H, n, n)
+        return None, None
+
+    def forward(self, tokens: torch.Tensor, *, return_weights: bool = False):
+        self._check_tokens(tokens)
+        x = self.embed(tokens)  # (B, n, d_model)
+        added, bias = self._position_terms(tokens.shape[1], x)
+        if added is not None:
+            x = x + added
+        all_weights = []
+        for block in self.blocks:
+            x, weights = block(x, mask=bias)  # (B, n, d_model), (B, H, n, n)
+            all_weights.append(weights)
+        logits = self.unembed(self.ln_out(x))  # (B, n, vocab_size)
+        return (logits, all_weights) if return_weights else logits
+
+
+@contextlib.contextmanager
+def ablate_heads(model: TinyTransformer, heads: Iterable[tuple[int, int]]) -> Iterator[None]:
+    """Silence heads inside a ``with`` block; ``heads`` holds (layer, head) pairs.
+
+    A head's output enters the residual stream only through its d_head columns of the
+    output projection (the heads are merged head-major, ``(h d)``), so zeroing those
+    columns removes exactly that head's contribution; the output bias stays.  The
+    weights are restored on exit, even after an exception.
+    """
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                attn = model.blocks[layer].attn
+                if not 0 <= head < attn.n_heads:
+                    raise ValueError(f"head must be in 0 .. {attn.n_heads - 1}; got {head}")
+                cols = slice(head * attn.d_head, (head + 1) * attn.d_head)
+                saved.append((attn.out_proj.weight, cols, attn.out_proj.weight[:, cols].clone()))
+                attn.out_proj.weight[:, cols] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, cols, old in reversed(saved):
+                weight[:, cols] = old
+
+
+def accuracy(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of positions with ``targets != -100`` where the argmax logit is right."""
+    with torch.no_grad():
+        pred = model(tokens).argmax(dim=-1)  # (B, n)
+    keep = targets != -100
+    return (pred[keep] == targets[keep]).double().mean().item()
+
+
+def train(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
+          steps: int, lr: float = 3e-3, weight_decay: float = 0.0,
+          warmup: int = 50) -> list[float]:
+    """Train with AdamW on next-token cross-entropy; return the loss of every step.
+
+    ``make_batch()`` returns ``(tokens, targets)``, both (B, n); ``targets[b, t]`` is the
+    id that position t should predict, or -100 where nothing is asked.  The learning
+    rate warms up linearly for ``warmup`` steps and then decays to zero (cosine).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        tokens, targets = make_batch()
+        logits = model(tokens)  # (B, n, vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
