@@ -17,7 +17,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION = 1
 # every network connection fail (the book must not download anything at run time).
 OFFLINE := IPYTHONDIR=$(CURDIR)/tests/offline
 
-.PHONY: book test unit notebooks book-strict browser browser-deps clean venv lint-workflow
+.PHONY: book test unit notebooks book-strict browser browser-deps reproducible clean venv lint-workflow
 
 venv: $(STAMP)
 
@@ -36,7 +36,7 @@ book: $(STAMP)
 	@echo "The book is at $(CURDIR)/_build/html/index.html (open it in a browser)."
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests --ignore=tests/browser
+	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/reproducible
 
 notebooks: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
@@ -62,9 +62,16 @@ browser: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -p no:cacheprovider tests/browser
 	@echo "Screenshots: $(CURDIR)/test-artifacts/screenshots/"
 
-test: unit notebooks book-strict browser
+# Every chapter executed a second time: its check cells and glued numbers must repeat
+# those of the book build (cells tagged `timing` excepted).
+reproducible: $(STAMP)
+	@test -d _build/jupyter_execute/chapters || $(MAKE) book-strict
+	$(OFFLINE) $(BIN)/python -m pytest -p no:cacheprovider -n $(JOBS) tests/reproducible
+
+test: unit notebooks book-strict browser reproducible
 	@echo
-	@echo "All tests passed: unit tests, notebooks (nbval), the book build with -W, and the pages in a browser."
+	@echo "All tests passed: unit tests, notebooks (nbval), the book build with -W, the pages"
+	@echo "in a browser, and a second run of every notebook."
 
 clean:
 	rm -rf _build .pytest_cache

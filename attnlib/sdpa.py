@@ -10,6 +10,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 from ._backend import (
     broadcast_shapes,
     check_array,
@@ -36,6 +38,8 @@ def _check_qkv(q: Any, k: Any, v: Any = None, mask: Any = None):
         check_array(v, "v", min_ndim=2, shape_hint="(..., S, d_v)")
         check_float(xp, "v", v)
     same_dtype({"q": q, "k": k, "v": v})
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k need d_k >= 1 (their last dimension); got q {tuple(q.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must have the same last dimension d_k; got q {tuple(q.shape)} "
@@ -71,6 +75,8 @@ def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
 
 def _apply_mask(xp, scores, mask, causal, target):
     """Forbidden entries of (..., L, S) scores to -inf; a float mask added."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
     allowed = None
     if mask is not None:
         mask = check_mask(xp, mask, target, like=scores)

@@ -9,6 +9,7 @@ nothing) gives zeros, not NaN, and passes finite gradients.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ._backend import check_array, check_float, namespace
@@ -20,6 +21,13 @@ def _safe_max(xp, x, axis: int):
     """Row maximum, with rows that are all -inf (or empty of finite values) set to 0."""
     m = xp.max(x, axis=axis, keepdims=True)
     return xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+
+
+def _check_axis(x: Any, axis: Any) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer; got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
 
 
 def softmax(x: Any, axis: int = -1) -> Any:
@@ -38,9 +46,11 @@ def softmax(x: Any, axis: int = -1) -> Any:
     xp = namespace(x=x)
     check_float(xp, "x", x)
     check_array(x, "x", min_ndim=1)
+    _check_axis(x, axis)
     e = xp.exp(x - _safe_max(xp, x, axis))
     total = xp.sum(e, axis=axis, keepdims=True)
-    return e / xp.where(total > 0, total, xp.ones_like(total))
+    # an empty row (all -inf) gives zeros; a NaN anywhere in a row makes it all NaN
+    return e / xp.where(total == 0, xp.ones_like(total), total)
 
 
 def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
@@ -52,10 +62,11 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     xp = namespace(x=x)
     check_float(xp, "x", x)
     check_array(x, "x", min_ndim=1)
+    _check_axis(x, axis)
     m = _safe_max(xp, x, axis)
     total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
-    # log(0) = -inf for empty rows, without NumPy's divide-by-zero warning
-    log_total = xp.log(xp.where(total > 0, total, xp.ones_like(total)))
+    # log(0) = -inf for empty rows, without NumPy's divide-by-zero warning; NaN stays NaN
+    log_total = xp.log(xp.where(total == 0, xp.ones_like(total), total))
     neg_inf = xp.full_like(total, -math.inf)
-    out = xp.where(total > 0, log_total, neg_inf) + m
+    out = xp.where(total == 0, neg_inf, log_total) + m
     return out if keepdims else xp.squeeze(out, axis=axis)

@@ -1,0 +1,97 @@
+"""Running a notebook twice gives the same checked values.
+
+The book build executes every chapter once (its executed copies are kept in
+``_build/jupyter_execute/chapters``).  This test executes each chapter again, in a fresh
+kernel, and compares the two runs cell by cell for
+
+- every *check cell* (a code cell whose source contains ``# Check``): its printed text;
+- every value *glued* into the prose (``myst_nb.glue``): its text form.
+
+Cells and glued values that report a timing on purpose are tagged ``timing`` (a cell tag
+in the notebook metadata) and excluded: they measure the machine, not the mathematics.
+Memory addresses (``0x7f...``) are masked before comparing.
+
+Run after ``make book-strict`` (``make reproducible`` does both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXECUTED = ROOT / "_build" / "jupyter_execute" / "chapters"
+CHAPTERS = sorted(p.name for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def _text(outputs) -> str:
+    """All printed text of some outputs, joined (streams arrive in arbitrary chunks)."""
+    texts = []
+    for out in outputs:
+        if out.get("output_type") == "stream" and out.get("name") == "stdout":
+            texts.append("".join(out.get("text", "")))
+        elif out.get("output_type") in ("execute_result", "display_data"):
+            for mime, value in out.get("data", {}).items():
+                # a glued value's text is stored under a papermill prefix until the build
+                if mime.removeprefix("application/papermill.record/") == "text/plain":
+                    texts.append("".join(value))
+    return _ADDRESS.sub("0x…", "".join(texts))
+
+
+def _is_timing(cell) -> bool:
+    return "timing" in cell.get("metadata", {}).get("tags", [])
+
+
+def _check_cells(nb) -> dict[str, str]:
+    """Printed text of every check cell, by cell index."""
+    return {f"cell {i}": _text(cell.get("outputs", []))
+            for i, cell in enumerate(nb["cells"])
+            if cell["cell_type"] == "code" and not _is_timing(cell)
+            and "# Check" in "".join(cell["source"])}
+
+
+def _glued(nb) -> tuple[dict[str, str], set[str]]:
+    """Glued values by name, and the names glued by timing cells."""
+    values, timing = {}, set()
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            name = (out.get("metadata", {}).get("scrapbook") or {}).get("name")
+            if name:
+                if _is_timing(cell):
+                    timing.add(name)
+                values[name] = _text([out])
+    return values, timing
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_second_run_gives_the_same_checked_values(chapter, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    first_path = EXECUTED / chapter
+    if not first_path.exists():
+        pytest.fail(f"no executed copy of {chapter} under {EXECUTED}: run `make book-strict` "
+                    f"first (chapters outside _toc.yml are not built)")
+    first = json.loads(first_path.read_text(encoding="utf-8"))
+    glue_path = first_path.with_suffix(".glue.json")  # the build keeps glued values apart
+    first_glue = ({name: _text([out]) for name, out in
+                   json.loads(glue_path.read_text(encoding="utf-8")).items()}
+                  if glue_path.exists() else {})
+    second = nbformat.read(ROOT / "chapters" / chapter, as_version=4)
+    nbclient.NotebookClient(second, kernel_name="python3", timeout=600,
+                            resources={"metadata": {"path": str(ROOT / "chapters")}}).execute()
+    second = json.loads(nbformat.writes(second))
+    a, b = _check_cells(first), _check_cells(second)
+    second_glue, timing = _glued(second)
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    assert set(first_glue) == set(second_glue), (sorted(first_glue), sorted(second_glue))
+    assert a, f"{chapter} has no check cells to compare"
+    differ = [f"{key}:\n  first:  {a[key]}\n  second: {b[key]}" for key in a if a[key] != b[key]]
+    differ += [f"glued {name!r}: first {first_glue[name]}, second {second_glue[name]}"
+               for name in first_glue if name not in timing
+               and first_glue[name] != second_glue[name]]
+    assert not differ, f"{chapter}: the second run differs\n" + "\n".join(differ)
