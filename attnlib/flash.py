@@ -250,6 +250,8 @@ def tile_schedule(L: int, S: int | None = None, *, block_q: int, block_k: int,
             raise ValueError(f"{name} must be a non-negative integer; got {n!r}")
     block_q, block_k = _positive_int(block_q, "block_q"), _positive_int(block_k, "block_k")
     lengths = [S] if key_lengths is None else [int(x) for x in np.ravel(np.asarray(key_lengths))]
+    if any(not 0 <= n <= S for n in lengths):
+        raise ValueError(f"key_lengths must lie in 0 .. S = {S}; got {lengths}")
     kinds = np.zeros((-(-L // block_q), -(-S // block_k)), dtype=np.int64)
     for r, c in np.ndindex(*kinds.shape):
         i0, j0 = r * block_q, c * block_k
@@ -296,6 +298,8 @@ def _prepare(q, k, v, mask, causal, scale, block_q, block_k, key_lengths):
         raise TypeError(f"causal must be True or False; got {causal!r}")
     if mask is not None:
         mask = check_mask(xp, mask, target, like=q)
+        if mask.ndim < 2:  # e.g. an (S,) mask: give it the (L, S) axes the tiles index
+            mask = xp.reshape(mask, (1,) * (2 - mask.ndim) + tuple(mask.shape))
     batch, L, S = target[:-2], target[-2], target[-1]
     lengths, shortest, longest = _check_key_lengths(xp, key_lengths, batch, S, like=q)
     return xp, batch, L, S, scale, block_q, block_k, mask, lengths, shortest, longest

@@ -217,6 +217,9 @@ class PagedKVCache:
     # -- sequences ---------------------------------------------------------------------
     def add_sequence(self, seq_id: Hashable) -> None:
         """Start an empty sequence (no block is taken until its first append)."""
+        if not isinstance(seq_id, Hashable):
+            raise TypeError(f"seq_id must be hashable (a str or an int, say); got "
+                            f"{type(seq_id).__name__} {seq_id!r}")
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id!r} already exists")
         self._freed.discard(seq_id)

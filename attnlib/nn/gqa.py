@@ -195,6 +195,19 @@ def pool_kv_heads(w: Any, n_heads: int, n_kv_heads: int) -> Any:
 
 
 # ----------------------------------------------------------------------- the module
+def _check_module_input(x, d_model: int, weight: torch.Tensor) -> None:
+    """x must be a (B, L, d_model) torch tensor with the module's dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch tensor (B, L, d_model = {d_model}); got "
+                        f"{type(x).__name__}")
+    if x.ndim != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x must be a tensor of shape (B, L, d_model = {d_model}); "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TypeError(f"x is {x.dtype} on {x.device} but the module's weights are "
+                        f"{weight.dtype} on {weight.device}; convert one with .to(...)")
+
+
 class GroupedQueryAttention(nn.Module):
     """Self-attention with ``n_heads`` query heads and ``n_kv_heads`` key/value heads.
 
@@ -238,6 +251,9 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim must be even; "
                              f"got {head_dim}")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        if isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real) \
+                or not math.isfinite(rope_base) or rope_base <= 1:
+            raise ValueError(f"rope_base must be a finite number > 1; got {rope_base!r}")
         self.head_dim, self.rope, self.rope_base = head_dim, bool(rope), float(rope_base)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **factory)
@@ -271,10 +287,7 @@ class GroupedQueryAttention(nn.Module):
         Returns:
             (B, L, d_model), and the weights with ``return_weights``.
         """
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor of shape (B, L, d_model = {self.d_model}); "
-                             f"got {shape}")
+        _check_module_input(x, self.d_model, self.q_proj.weight)
         q = split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, d_h)
         k = split_heads(self.k_proj(x), self.n_kv_heads)  # (B, H_kv, L, d_h)
         v = split_heads(self.v_proj(x), self.n_kv_heads)  # (B, H_kv, L, d_h)

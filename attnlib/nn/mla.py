@@ -314,10 +314,16 @@ class MultiHeadLatentAttention(nn.Module):
         return self.out_proj(merge_heads(o))                  # (B, L, d_model)
 
     def _check_input(self, x, cache, path) -> None:
-        if not torch.is_tensor(x) or x.ndim != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        if not torch.is_tensor(x):
+            raise TypeError(f"x must be a torch tensor (B, L, d_model = {self.d_model}); got "
+                            f"{type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be a tensor (B, L, d_model = {self.d_model}); "
-                             f"got {shape}")
+                             f"got {tuple(x.shape)}")
+        weight = next(self.parameters())
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise TypeError(f"x is {x.dtype} on {x.device} but the module's weights are "
+                            f"{weight.dtype} on {weight.device}; convert one with .to(...)")
         if path not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}; got {path!r}")
         if cache is not None and not isinstance(cache, MLACache):

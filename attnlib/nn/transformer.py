@@ -147,6 +147,7 @@ class TinyTransformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=embed_std)
         self.pos = (LearnedPositionEmbedding(max_len, d_model, std=embed_std)
                     if positions == "learned" else None)
+        n_layers = _positive_int("n_layers", n_layers)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp=mlp) for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d_model)
         self.unembed = nn.Linear(d_model, vocab_size, bias=False)
@@ -160,6 +161,10 @@ class TinyTransformer(nn.Module):
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence length n = {tokens.shape[1]} exceeds "
                              f"max_len = {self.max_len}")
+        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
+            raise ValueError(f"tokens must lie in 0 .. vocab_size - 1 (vocab_size = "
+                             f"{self.vocab_size}); got ids from {int(tokens.min())} to "
+                             f"{int(tokens.max())}")
 
     def _position_terms(self, n: int, like: torch.Tensor):
         """What the positions add to the input (n, d_model), and the score bias."""
@@ -198,6 +203,8 @@ def ablate_heads(model: TinyTransformer, heads: Iterable[tuple[int, int]]) -> It
     try:
         with torch.no_grad():
             for layer, head in heads:
+                if not 0 <= layer < len(model.blocks):
+                    raise ValueError(f"layer must be in 0 .. {len(model.blocks) - 1}; got {layer}")
                 attn = model.blocks[layer].attn
                 if not 0 <= head < attn.n_heads:
                     raise ValueError(f"head must be in 0 .. {attn.n_heads - 1}; got {head}")
