@@ -57,6 +57,26 @@ def _check_qkv(q: Any, k: Any, v: Any = None, mask: Any = None):
     return xp, (*batch, q.shape[-2], k.shape[-2])
 
 
+def _work_dtype(xp, x):
+    """float32 for 16-bit floats (their products overflow at 65504 and their sums lose
+    digits, so fused kernels accumulate in float32 too); x's own dtype otherwise."""
+    half = [xp.float16] + ([xp.bfloat16] if hasattr(xp, "bfloat16") else [])
+    # (compare one by one: NumPy reads `dtype == None` as "is it float64?")
+    return xp.float32 if any(x.dtype == h for h in half) else x.dtype
+
+
+def _scores(q: Any, k: Any, mask: Any, causal: bool, scale: float | None):
+    """Validated, masked, scaled scores (..., L, S) in the working dtype."""
+    xp, target = _check_qkv(q, k, mask=mask)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number; got {scale!r}")
+    work = _work_dtype(xp, q)
+    q, k = xp.astype(q, work), xp.astype(k, work)
+    scores = (q @ xp.matrix_transpose(k)) * float(scale)  # (..., L, S)
+    return xp, _apply_mask(xp, scores, mask, causal, target)
+
+
 def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
                      scale: float | None = None) -> Any:
     """Masked, scaled scores ``q @ k^T * scale``: shape (..., L, S).
@@ -64,13 +84,8 @@ def attention_scores(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
     Entries a boolean mask or ``causal`` forbids are ``-inf``; a float mask is added.
     Arguments as for :func:`scaled_dot_product_attention`.
     """
-    xp, target = _check_qkv(q, k, mask=mask)
-    scale = default_scale(q.shape[-1]) if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number; got {scale!r}")
-    scale = float(scale)
-    scores = (q @ xp.matrix_transpose(k)) * scale  # (..., L, S)
-    return _apply_mask(xp, scores, mask, causal, target)
+    xp, scores = _scores(q, k, mask, causal, scale)
+    return xp.astype(scores, q.dtype)
 
 
 def _apply_mask(xp, scores, mask, causal, target):
@@ -114,7 +129,8 @@ def attention_weights(q: Any, k: Any, mask: Any = None, *, causal: bool = False,
     Each row is a probability distribution over the S keys; a row whose keys are all
     masked is all zeros.  Arguments as for :func:`scaled_dot_product_attention`.
     """
-    return softmax(attention_scores(q, k, mask, causal=causal, scale=scale), axis=-1)
+    xp, scores = _scores(q, k, mask, causal, scale)
+    return xp.astype(softmax(scores, axis=-1), q.dtype)
 
 
 def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None, *,
@@ -149,9 +165,12 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None, *,
     with a KV cache needs: the new queries are the last L of the S positions.
 
     A query whose keys are all masked gets zero weights and a zero output (not NaN),
-    with finite gradients.  Bad shapes, dtypes or mixed backends raise ``ValueError``
-    or ``TypeError`` naming the argument.  See chapter 3; the masks are chapter 8.
+    with finite gradients.  Float16 and bfloat16 inputs are computed in float32 (their
+    products overflow at 65504) and the result is cast back, as fused kernels do.
+    Bad shapes, dtypes or mixed backends raise ``ValueError`` or ``TypeError`` naming
+    the argument.  See chapter 3; the masks are chapter 8.
     """
     xp, _ = _check_qkv(q, k, v, mask)
-    weights = attention_weights(q, k, mask, causal=causal, scale=scale)  # (..., L, S)
-    return weights @ v  # (..., L, d_v)
+    _, scores = _scores(q, k, mask, causal, scale)  # (..., L, S), float32 for 16-bit inputs
+    weights = softmax(scores, axis=-1)
+    return xp.astype(weights @ xp.astype(v, weights.dtype), q.dtype)  # (..., L, d_v)
