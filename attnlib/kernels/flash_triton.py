@@ -38,20 +38,13 @@ zero (not NaN) and so are their gradients.  No other mask is supported.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
-try:
-    import torch
-    import triton
-    import triton.language as tl
+import torch
 
-    HAS_TRITON = True
-    _IMPORT_ERROR = ""
-except ImportError as err:  # macOS, Windows, or a Linux install without triton
-    torch = triton = tl = None
-    HAS_TRITON = False
-    _IMPORT_ERROR = str(err)
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton
+from ._triton import available as _available
+from ._triton import jit as _jit
 
 __all__ = [
     "HAS_TRITON",
@@ -67,24 +60,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
-def _interpret_flag() -> bool:
-    if not HAS_TRITON:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Decided once, when the kernels below are defined (as Triton itself does).
-INTERPRETED = _interpret_flag()
-
-
-def _jit(fn):
-    """``triton.jit`` where Triton exists; otherwise keep the plain function (never run)."""
-    return triton.jit(fn) if HAS_TRITON else fn
-
-
 def available() -> tuple[bool, str]:
     """Can the Triton kernels run here?  Returns ``(ok, reason)``, the reason in words.
 
@@ -92,17 +67,7 @@ def available() -> tuple[bool, str]:
     before :mod:`attnlib.kernels` was imported.  Tensors must then live on the GPU, or on
     the CPU for the interpreter.
     """
-    if not HAS_TRITON:
-        return False, ("Triton is not installed (it ships for Linux only): "
-                       f"{_IMPORT_ERROR}. `pip install triton` on Linux.")
-    if INTERPRETED:
-        return True, ("Triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, "
-                      "slowly; keep shapes small")
-    if torch.cuda.is_available():
-        return True, f"compiled Triton kernels on {torch.cuda.get_device_name()}"
-    return False, ("no GPU, and TRITON_INTERPRET was not 1 when attnlib.kernels was imported: "
-                   "set os.environ['TRITON_INTERPRET'] = '1' before the first import of "
-                   "triton/attnlib.kernels (e.g. at the top of the notebook or script)")
+    return _available("attnlib.kernels")
 
 
 # --------------------------------------------------------------------------------------

@@ -34,57 +34,19 @@ or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is se
 from __future__ import annotations  # kernel annotations stay strings: no Triton needed to import
 
 import math
-import os
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    _IMPORT_ERROR = ""
-except ImportError as err:  # macOS, Windows, or a Linux install without triton
-    triton = tl = None
-    HAS_TRITON = False
-    _IMPORT_ERROR = str(err)
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton
+from ._triton import available as _available
+from ._triton import jit as _jit
 
 __all__ = ["HAS_TRITON", "INTERPRETED", "available", "paged_decode_attention_triton"]
 
 
-def _interpret_flag() -> bool:
-    if not HAS_TRITON:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Decided once, when the kernel below is defined (as Triton itself does).
-INTERPRETED = _interpret_flag()
-
-
-def _jit(fn):
-    """``triton.jit`` where Triton exists; otherwise keep the plain function (never run)."""
-    return triton.jit(fn) if HAS_TRITON else fn
-
-
 def available() -> tuple[bool, str]:
     """Can the paged kernel run here?  Returns ``(ok, reason)``, the reason in words."""
-    if not HAS_TRITON:
-        return False, ("Triton is not installed (it ships for Linux only): "
-                       f"{_IMPORT_ERROR}. `pip install triton` on Linux.")
-    if INTERPRETED:
-        return True, ("Triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, "
-                      "slowly; keep shapes small")
-    import torch
-
-    if torch.cuda.is_available():
-        return True, f"compiled Triton kernels on {torch.cuda.get_device_name()}"
-    return False, ("no GPU, and TRITON_INTERPRET was not 1 when attnlib.kernels.paged_triton "
-                   "was imported: set os.environ['TRITON_INTERPRET'] = '1' before the first "
-                   "import of triton/attnlib.kernels")
+    return _available("attnlib.kernels.paged_triton")
 
 
 @_jit
