@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ._backend import check_array, check_float, default_scale, namespace, same_dtype
 from .sdpa import _check_qkv, attention_weights
 
@@ -107,6 +109,12 @@ def _check_grad_out(xp, grad_out: Any, q: Any, expected: tuple[int, ...]) -> Non
         )
 
 
+def _qk_target(q, k) -> tuple[int, ...]:
+    """The shape (..., L, S) of the weights from q and k alone (before v broadcasts)."""
+    return (*np.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2])),
+            q.shape[-2], k.shape[-2])
+
+
 def sdpa_backward(q: Any, k: Any, v: Any, grad_out: Any, mask: Any = None, *,
                   causal: bool = False, scale: float | None = None,
                   weights: Any = None) -> tuple[Any, Any, Any]:
@@ -138,9 +146,11 @@ def sdpa_backward(q: Any, k: Any, v: Any, grad_out: Any, mask: Any = None, *,
     _check_grad_out(xp, grad_out, q, (*target[:-1], v.shape[-1]))
     if weights is None:
         weights = attention_weights(q, k, mask, causal=causal, scale=scale)
-    elif tuple(weights.shape) != tuple(target):
+    elif tuple(weights.shape) not in (tuple(target), _qk_target(q, k)):
         raise ValueError(f"weights must have shape (..., L, S) = {tuple(target)}; "
                          f"got weights {tuple(weights.shape)}")
+    # the weights have the batch shape of q and k; v may add batch dimensions of its own
+    weights = xp.broadcast_to(weights, tuple(target))  # (..., L, S)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number; got {scale!r}")

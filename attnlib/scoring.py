@@ -165,6 +165,8 @@ def cosine_scores(q: Any, k: Any, temperature: Any = 1.0, eps: float = 1e-12) ->
         if temperature.ndim != 0:
             raise ValueError(f"temperature must be a number or a 0-d array; got shape "
                              f"{tuple(temperature.shape)}")
+    # eps itself underflows to 0 in float16: never divide by less than the dtype allows
+    eps = max(float(eps), float(xp.finfo(q.dtype).smallest_normal))
     q_hat = q / xp.clip(xp.linalg.vector_norm(q, axis=-1, keepdims=True), min=eps)
     k_hat = k / xp.clip(xp.linalg.vector_norm(k, axis=-1, keepdims=True), min=eps)
     return (q_hat @ xp.matrix_transpose(k_hat)) / temperature  # (..., L, S)

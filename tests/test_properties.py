@@ -493,11 +493,6 @@ def test_sdpa_backward_matches_torch_autograd(case, data):
         assert_close(g, r, case.dtype, mag, what=name)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "attnlib.backward.sdpa_backward computes the weights with the leading dimensions of q "
-    "and k only; when v alone has more, softmax_backward gets weights (1, L, S) and "
-    "grad_weights (B, L, S) and raises a ValueError about arguments the caller never "
-    "passed (flash_attention_backward handles the same inputs)"))
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_sdpa_backward_when_only_v_has_a_batch_dimension(backend):
     rng = np.random.default_rng(0)
@@ -580,9 +575,6 @@ def test_scoring_functions_match_reference(data):
                  what="cosine")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "attnlib.scoring.cosine_scores clips the norms at eps=1e-12, which is 0 in float16: "
-    "a zero vector then gives 0/0 = NaN instead of the documented zero scores"))
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_cosine_scores_zero_vector_float16(backend):
     q = to_backend(np.zeros((2, 3), dtype=np.float16), backend)
