@@ -42,7 +42,7 @@ from torch import nn
 
 from ._backend import check_array, check_float, device_of, namespace
 from .masks import key_padding_mask
-from .nn.multihead import MultiHeadAttention
+from .nn.multihead import MultiHeadAttention, silence_heads
 
 __all__ = [
     "MINILM_PACKAGE", "MINILM_SHA256", "EncoderLayer", "EncoderOutput", "MiniLMEncoder",
@@ -452,23 +452,8 @@ def ablate_heads(model: MiniLMEncoder, heads: Iterable[tuple[int, int]]) -> Iter
     bias stays.  The attention weights are still computed (and returned), they are just
     no longer used.  The weights are restored on exit, even after an exception.
     """
-    saved = []
-    try:
-        with torch.no_grad():
-            for layer, head in heads:
-                if not 0 <= layer < model.n_layers:
-                    raise ValueError(f"layer must be in 0 .. {model.n_layers - 1}; got {layer}")
-                attn = model.layers[layer].attn
-                if not 0 <= head < attn.n_heads:
-                    raise ValueError(f"head must be in 0 .. {attn.n_heads - 1}; got {head}")
-                cols = slice(head * attn.d_head, (head + 1) * attn.d_head)
-                saved.append((attn.out_proj.weight, cols, attn.out_proj.weight[:, cols].clone()))
-                attn.out_proj.weight[:, cols] = 0.0
+    with silence_heads([layer.attn for layer in model.layers], heads):
         yield
-    finally:
-        with torch.no_grad():
-            for weight, cols, old in reversed(saved):
-                weight[:, cols] = old
 
 
 def attention_rollout(attentions: Iterable[Any], *, residual: bool = True) -> Any:

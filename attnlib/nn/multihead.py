@@ -8,6 +8,9 @@ attend (the opposite of ``nn.MultiheadAttention``'s masks); chapter 8 explains t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
 import torch
 from torch import nn
 
@@ -180,3 +183,33 @@ class MultiHeadAttention(nn.Module):
         extra = "" if self.kdim == self.vdim == self.d_model else \
             f", kdim={self.kdim}, vdim={self.vdim}"
         return f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}{extra}"
+
+
+@contextlib.contextmanager
+def silence_heads(layers: Sequence[MultiHeadAttention],
+                  heads: Iterable[tuple[int, int]]) -> Iterator[None]:
+    """Silence heads of a stack of attention layers inside a ``with`` block.
+
+    ``heads`` holds (layer, head) pairs indexing ``layers``.  Head h reaches the rest of
+    the network only through columns ``h*d_head .. (h+1)*d_head - 1`` of
+    ``out_proj.weight`` (heads are merged head-major), so zeroing them removes exactly
+    that head's output; the output bias stays.  The weights are restored on exit, even
+    after an exception.  Chapters 10 and 18 use it to ablate heads.
+    """
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                if not 0 <= layer < len(layers):
+                    raise ValueError(f"layer must be in 0 .. {len(layers) - 1}; got {layer}")
+                attn = layers[layer]
+                if not 0 <= head < attn.n_heads:
+                    raise ValueError(f"head must be in 0 .. {attn.n_heads - 1}; got {head}")
+                cols = slice(head * attn.d_head, (head + 1) * attn.d_head)
+                saved.append((attn.out_proj.weight, cols, attn.out_proj.weight[:, cols].clone()))
+                attn.out_proj.weight[:, cols] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, cols, old in reversed(saved):
+                weight[:, cols] = old

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..positions import alibi_bias, sinusoidal_positions
-from .multihead import MultiHeadAttention
+from .multihead import MultiHeadAttention, silence_heads
 
 __all__ = ["LearnedPositionEmbedding", "MLP", "Block", "TinyTransformer", "ablate_heads",
            "train", "accuracy"]
@@ -199,23 +199,8 @@ def ablate_heads(model: TinyTransformer, heads: Iterable[tuple[int, int]]) -> It
     columns removes exactly that head's contribution; the output bias stays.  The
     weights are restored on exit, even after an exception.
     """
-    saved = []
-    try:
-        with torch.no_grad():
-            for layer, head in heads:
-                if not 0 <= layer < len(model.blocks):
-                    raise ValueError(f"layer must be in 0 .. {len(model.blocks) - 1}; got {layer}")
-                attn = model.blocks[layer].attn
-                if not 0 <= head < attn.n_heads:
-                    raise ValueError(f"head must be in 0 .. {attn.n_heads - 1}; got {head}")
-                cols = slice(head * attn.d_head, (head + 1) * attn.d_head)
-                saved.append((attn.out_proj.weight, cols, attn.out_proj.weight[:, cols].clone()))
-                attn.out_proj.weight[:, cols] = 0.0
+    with silence_heads([block.attn for block in model.blocks], heads):
         yield
-    finally:
-        with torch.no_grad():
-            for weight, cols, old in reversed(saved):
-                weight[:, cols] = old
 
 
 def accuracy(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> float:
