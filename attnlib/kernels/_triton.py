@@ -45,7 +45,7 @@ def available(module: str) -> tuple[bool, str]:
     """Can the kernels of ``module`` run here?  ``(ok, reason)``, the reason in words."""
     if not HAS_TRITON:
         return False, ("Triton is not installed (it ships for Linux only): "
-                       f"{IMPORT_ERROR}. `pip install triton` on Linux.")
+                       f"{IMPORT_ERROR}. On Linux, pip install \"attnlib[kernels]\".")
     if INTERPRETED:
         return True, ("Triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, "
                       "slowly; keep shapes small")

@@ -90,8 +90,12 @@ def test_second_run_gives_the_same_checked_values(chapter, tmp_path):
     nbclient = pytest.importorskip("nbclient")
     first_path = EXECUTED / chapter
     if not first_path.exists():
-        pytest.fail(f"no executed copy of {chapter} under {EXECUTED}: run `make book-strict` "
-                    f"first (chapters outside _toc.yml are not built)")
+        message = (f"no executed copy of {chapter} under {EXECUTED}: run `python tasks.py "
+                   f"reproducible` (it builds the book first; chapters outside _toc.yml are "
+                   f"not built)")
+        if os.environ.get("BOOK_BUILT") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
     first = json.loads(first_path.read_text(encoding="utf-8"))
     glue_path = first_path.with_suffix(".glue.json")  # the build keeps glued values apart
     first_glue = ({name: _text([out]) for name, out in
