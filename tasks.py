@@ -221,8 +221,9 @@ def task_minimal(args) -> None:
         run(python(MINIMAL_VENV), "-m", "pip", "install", "-c", ROOT / "constraints.txt",
             ".[torch]", "nbclient", "ipykernel")
         stamp.write_text(_fingerprint([]))
+    # the working tree's attnlib comes first, so an edit since the install is what runs
     run(python(MINIMAL_VENV), ROOT / "tests" / "minimal" / "run_chapters.py",
-        *chapter_paths(args.chapters), env=offline_env())
+        *chapter_paths(args.chapters), env={**offline_env(), "PYTHONPATH": str(ROOT)})
 
 
 def task_resolve(args) -> None:

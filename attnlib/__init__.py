@@ -23,6 +23,8 @@ has finished a chapter knows where its code lives:
 ``attnlib.paged``         ch. 17  block allocator, paged KV cache, serving trace
 ``attnlib.pretrained``    ch. 18  all-MiniLM-L6-v2 rebuilt with attnlib
 ``attnlib.nn``            ch. 6, 7, 10, 12, 13: PyTorch modules
+``attnlib.exercises``     exercises that grade themselves: ``check(key, your_fn)``
+``attnlib.notebook``      ``glue`` with or without myst_nb; optional chapter parts
 ========================  ======================================================
 
 Every function takes NumPy arrays or torch tensors and returns the same kind; the core
