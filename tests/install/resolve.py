@@ -37,7 +37,8 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "https://pypi.org/simple"
-PYTHONS = ["3.11", "3.12", "3.13"]
+# the oldest release of each Python the README names (3.11.5: soupsieve of the lock needs it)
+PYTHONS = ["3.11.5", "3.12.0", "3.13.0"]
 
 # pip's --platform tags for each target, newest first, and the marker environment
 # that our own requirements are evaluated in.
@@ -104,8 +105,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def marker_environment(env: dict[str, str], python: str) -> dict[str, str]:
-    return {**env, "python_version": python, "python_full_version": python + ".0",
-            "implementation_version": python + ".0", "implementation_name": "cpython",
+    full = python if python.count(".") == 2 else python + ".0"
+    return {**env, "python_version": ".".join(full.split(".")[:2]), "python_full_version": full,
+            "implementation_version": full, "implementation_name": "cpython",
             "platform_python_implementation": "CPython"}
 
 
