@@ -10,9 +10,13 @@ book compares, each written once for NumPy and torch:
 - **a bias on the scores**: :func:`alibi_slopes`, :func:`alibi_bias` (Press et al. 2022),
   a float mask for :func:`attnlib.scaled_dot_product_attention`;
 - **a rotation of queries and keys**: :func:`apply_rope` (Su et al. 2024) in both
-  pairings found in real models, ``"rotate-half"`` (GPT-NeoX, Llama: dimension i is
-  paired with i + d/2) and ``"interleaved"`` (GPT-J, the RoFormer paper: 2i with 2i+1);
-  :func:`rope_permutation` converts one into the other.
+  pairings found in real code, ``"rotate-half"`` (GPT-NeoX and Hugging Face's port of
+  Llama: dimension i is paired with i + d/2) and
+  ``"interleaved"`` (the RoFormer paper, GPT-J and Meta's reference Llama code, which
+  rotates each pair as one complex number: 2i with 2i+1); :func:`rope_permutation`
+  converts one into the other.  Hugging Face's Llama port runs Meta's checkpoints with
+  rotate-half because its conversion script permutes the rows of W_Q and W_K within
+  each head, by this permutation.
 
 Shape letters: L query positions, S key positions, H heads, d the width rotated
 (d_k for RoPE, d_model for sinusoidal encodings).
@@ -237,11 +241,16 @@ def apply_rope(x: Any, positions: Any = None, *, base: float = 10000.0,
             (..., L) broadcastable to x's leading dimensions: any positions.
         base: the base of the frequencies (10000 in the paper and in Llama 2).
         pairing: which dimensions form a pair.
-            ``"rotate-half"`` (GPT-NeoX, Llama, Hugging Face): i with i + d/2.
-            ``"interleaved"`` (the RoFormer paper, GPT-J, Mesh TF): 2i with 2i + 1.
+            ``"rotate-half"`` (GPT-NeoX, Hugging Face's port of Llama): i with
+            i + d/2.
+            ``"interleaved"`` (the RoFormer paper, GPT-J, Mesh TF, Meta's reference
+            Llama code): 2i with 2i + 1.
             The two are equal up to a fixed permutation of the d dimensions
             (:func:`rope_permutation`), so a checkpoint trained with one can be used
-            with the other by permuting the rows of W_Q and W_K.
+            with the other by permuting the output dimensions of W_Q and W_K (the
+            columns of the book's (d_model, d_k) matrices, the rows of an
+            ``nn.Linear`` weight), as Hugging Face does when it converts Meta's Llama
+            weights.
 
     Returns:
         Same shape, backend, device and dtype as x; norms of each row unchanged.

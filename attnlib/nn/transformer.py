@@ -59,7 +59,7 @@ class LearnedPositionEmbedding(nn.Module):
         self.max_len = _positive_int("max_len", max_len)
         self.d_model = _positive_int("d_model", d_model)
         self.weight = nn.Parameter(torch.empty(max_len, d_model, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=std)  # GPT-2 uses std = 0.02
+        nn.init.normal_(self.weight, std=std)  # GPT-2's code: 0.02 for tokens, 0.01 here
 
     def forward(self, n: int, offset: int = 0) -> torch.Tensor:
         if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
@@ -126,8 +126,9 @@ class TinyTransformer(nn.Module):
         mlp: include the MLP in each block (``False``: attention-only, as in the
             circuits analyses of Elhage et al. 2021).
         embed_std: standard deviation of the initial token (and learned position)
-            embeddings; GPT-2 uses 0.02, ``nn.Embedding``'s default is 1.  On tiny
-            tasks it changes how fast a circuit forms (chapter 10).
+            embeddings; GPT-2's code uses 0.02 for its token table (0.01 for its
+            position table), ``nn.Embedding``'s default is 1.  On tiny tasks it changes
+            how fast a circuit forms (chapter 10 uses 1).
 
     ``forward(tokens)`` with tokens (B, n) of integer ids returns logits
     (B, n, vocab_size); with ``return_weights=True`` also a list of per-layer attention
