@@ -156,7 +156,7 @@ def check(key: str, fn: Callable, *, seed: int = 0, quiet: bool = False) -> bool
                 continue
         raise ExerciseFailed("\n".join(message))
     if not quiet:
-        print(f"{key}: all {len(cases)} cases pass ({', '.join(c.name for c in cases)}).")
+        print(f"{key}: all {len(cases)} cases pass ({'; '.join(c.name for c in cases)}).")
     return True
 
 
@@ -237,6 +237,107 @@ _exercise(
         "the weights are not normalised (no softmax)": lambda q, k, v, t: np.exp(q @ k.T / t) @ v,
         "the hard lookup (argmax) is returned instead of the blend":
             lambda q, k, v, t: v[np.argmax(q @ k.T, axis=-1)],
+    })
+
+
+def _nw_scores(xq, xt, h, variance=False):
+    """The Gaussian log-kernel -(x - x_j)^2 / (2 h^2) of scalar inputs: (L, S).  With
+    ``variance`` the bandwidth is (wrongly) read as a variance: -(x - x_j)^2 / (2 h)."""
+    d2 = (xq[:, None] - xt[None, :]) ** 2
+    return -d2 / (2 * h) if variance else -d2 / (2 * h**2)
+
+
+def _nw_cases(rng):
+    def data(L, S):  # L queries and S training points in [0, 6], S targets
+        return rng.uniform(0, 6, L), np.sort(rng.uniform(0, 6, S)), rng.normal(size=S)
+    far = (np.array([-15.0, 2.0, 20.0]), *data(0, 9)[1:])  # queries far outside [0, 6]
+    return [Case("5 queries and 8 training points (h = 0.5)", (*data(5, 8), 0.5)),
+            Case("one query (h = 0.3)", (*data(1, 6), 0.3)),
+            Case("one training point: every prediction is its target", (*data(4, 1), 0.7)),
+            Case("a wide bandwidth h = 4: close to the mean of the targets", (*data(3, 7), 4.0)),
+            Case("queries far outside the data with h = 0.05: every kernel value "
+                 "underflows to 0", (*far, 0.05))]
+
+
+def _ref_nw(xq, xt, yt, h):
+    from .smoothing import nadaraya_watson
+    return nadaraya_watson(xq, xt, yt, kernel="gaussian", bandwidth=h)
+
+
+def _nw_naive(xq, xt, yt, h):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.exp(_nw_scores(xq, xt, h))
+        return (k / k.sum(1, keepdims=True)) @ yt
+
+
+_exercise(
+    key="ch02-nadaraya-watson", chapter=2,
+    task="nadaraya_watson(x_query, x_train, y_train, h): scalar inputs x_query (L,) and x_train "
+         "(S,), targets y_train (S,), bandwidth h > 0; the Gaussian-kernel prediction "
+         "sum_j w_j y_j with w_j proportional to exp(-(x - x_j)^2 / (2 h^2)) and the weights "
+         "of each query summing to one over the S training points; returns (L,). It must give "
+         "a number, not NaN, for a query far from every training point.",
+    reference=_ref_nw, cases=_nw_cases,
+    mistakes={
+        "the kernel values are not normalised: divide by their sum over the training points "
+        "so that the weights sum to one": lambda xq, xt, yt, h: np.exp(_nw_scores(xq, xt, h)) @ yt,
+        "the bandwidth is used as a variance, exp(-(x - x_j)^2 / (2 h)), instead of a standard "
+        "deviation, exp(-(x - x_j)^2 / (2 h^2))":
+            lambda xq, xt, yt, h: _ref_softmax(_nw_scores(xq, xt, h, variance=True)) @ yt,
+        "the weights are normalised over the queries (axis 0) instead of over the training "
+        "points (axis 1)": lambda xq, xt, yt, h: (lambda k: (k / k.sum(0, keepdims=True)) @ yt)(
+            np.exp(_nw_scores(xq, xt, h))),
+        "far from the data every kernel value underflows to 0 and the weights are 0/0: "
+        "subtract each query's largest score before np.exp (chapter 1's shift invariance)":
+            _nw_naive,
+    })
+
+
+def _loo_cases(rng):
+    def data(S):  # S training points in [0, 6] and their targets
+        return np.sort(rng.uniform(0, 6, S)), rng.normal(size=S)
+    x_dup = np.array([0.5, 1.0, 1.0, 1.5, 2.5, 3.0])      # two training points at x = 1
+    x_far = np.array([0.0, 0.1, 0.3, 0.5, 0.6, 20.0])     # one point far from the others
+    return [Case("6 points (h = 0.5)", (*data(6), 0.5)),
+            Case("two points: each is predicted by the other", (*data(2), 0.8)),
+            Case("a wide bandwidth (h = 5)", (*data(7), 5.0)),
+            Case("two training points at the same input: each must still count for "
+                 "the other", (x_dup, rng.normal(size=6), 0.4)),
+            Case("one point far from the others with h = 0.1: its kernel values "
+                 "underflow to 0", (x_far, rng.normal(size=6), 0.1))]
+
+
+def _ref_loo(x, y, h):
+    from .sdpa import mask_scores
+    from .smoothing import kernel_scores
+    keep = ~np.eye(len(x), dtype=bool)  # (S, S), True = may attend: never the point itself
+    return _ref_softmax(mask_scores(kernel_scores(x, x, "gaussian", h), keep)) @ y
+
+
+def _loo_naive(x, y, h):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.exp(_nw_scores(x, x, h)) * (1 - np.eye(len(x)))
+        return (k / k.sum(1, keepdims=True)) @ y
+
+
+_exercise(
+    key="ch02-leave-one-out", chapter=2,
+    task="loo_predictions(x, y, h): training inputs x (S,), targets y (S,) with S >= 2, "
+         "bandwidth h > 0; for each i, the Gaussian Nadaraya-Watson prediction of y[i] from "
+         "all the other training points (point i itself gets weight 0); returns (S,).",
+    reference=_ref_loo, cases=_loo_cases,
+    mistakes={
+        "the training point itself is not left out: mask the diagonal so that point i gets "
+        "weight 0 in its own prediction": lambda x, y, h: _ref_nw(x, x, y, h),
+        "the weights are zeroed on the diagonal after the softmax but not renormalised: "
+        "mask the scores (-inf) before it, or divide by the new row sums":
+            lambda x, y, h: (_ref_softmax(_nw_scores(x, x, h)) * (1 - np.eye(len(x)))) @ y,
+        "points are left out by value (x_j == x_i) instead of by index: another training "
+        "point at the same input is a different point and must count":
+            lambda x, y, h: _ref_softmax(np.where(x[:, None] != x[None, :],
+                                                  _nw_scores(x, x, h), -np.inf)) @ y,
+        "far from the others a point's kernel values underflow to 0 and its weights are 0/0: "
+        "subtract each row's largest allowed score before np.exp": _loo_naive,
     })
 
 

@@ -63,3 +63,20 @@ def test_unknown_key_lists_the_exercises():
 
 def test_online_step_reference_agrees_with_attnlib_flash():
     exercises._check_online_reference()
+
+
+def test_chapter_2_references_agree_with_independent_computations():
+    from attnlib import smoothing
+    # Leave-one-out: each prediction is Nadaraya-Watson on the other S - 1 points.
+    for x, y, h in [case.args for case in exercises.EXERCISES["ch02-leave-one-out"].cases(
+            np.random.default_rng(3))]:
+        loo = exercises.EXERCISES["ch02-leave-one-out"].reference(x, y, h)
+        for i in range(len(x)):
+            others = np.arange(len(x)) != i
+            one = smoothing.nadaraya_watson(x[i:i + 1], x[others], y[others], "gaussian", h)[0]
+            assert abs(loo[i] - one) < 1e-12
+    # Nadaraya-Watson far from the data: the target of the nearest training point, no NaN.
+    x_train, y_train = np.array([0.0, 1.0, 2.0]), np.array([5.0, -1.0, 3.0])
+    far = exercises.EXERCISES["ch02-nadaraya-watson"].reference(
+        np.array([-30.0, 40.0]), x_train, y_train, 0.05)
+    assert np.array_equal(far, np.array([5.0, 3.0]))
