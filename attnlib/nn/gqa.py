@@ -219,8 +219,9 @@ class GroupedQueryAttention(nn.Module):
         head_dim: d_h, the width of every head (default d_model // H, in which case H
             must divide d_model).
         bias: whether the four projections have biases (Llama: no).
-        rope: rotate queries and keys with RoPE (rotate-half pairing, as Llama) before
-            the scores and before the keys enter the cache.
+        rope: rotate queries and keys with RoPE (rotate-half pairing, as Hugging Face's
+            Llama port; Meta's own code pairs interleaved dimensions) before the scores and
+            before the keys enter the cache.
         rope_base: RoPE's base (10000 in Llama 2; Llama 3 uses 500000).
         device, dtype: of the parameters.
 

@@ -149,7 +149,8 @@ class MultiHeadLatentAttention(nn.Module):
         v_head_dim: d_v, the per-head width of the values.
         rope_base: the RoPE base (theta_i = base^(-2i/d_rope)).
         rope_interleaved: pair dimensions (2i, 2i+1) as DeepSeek does (True) or
-            (i, i + d_rope/2) as Llama does (False).  See :func:`attnlib.positions.apply_rope`.
+            (i, i + d_rope/2) as Hugging Face's Llama port does (False).  See
+            :func:`attnlib.positions.apply_rope`.
         norm_eps: epsilon of the two RMSNorms on the latents.
         device, dtype: of the parameters.
 
