@@ -12,12 +12,14 @@ Conventions:
   backward pass (scores, weights, dropout masks) is a multiple of these.
 
 Chapter 3 checks these formulas against ``torch.utils.flop_counter`` and measures the
-times they predict; chapters 11 to 15 reuse them.
+times they predict; chapters 11 to 15 reuse them.  :func:`memory_traffic` *measures*
+instead of counting by formula: which large arrays a piece of torch code reads and writes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,6 +29,8 @@ __all__ = [
     "attention_flops",
     "attention_matrix_bytes",
     "crossover_length",
+    "Traffic",
+    "memory_traffic",
 ]
 
 # dtypes NumPy does not know by name
@@ -133,3 +137,68 @@ def crossover_length(d_model: int, d_k: int, d_v: int | None = None, heads: int 
         (d_model, "d_model"), (d_k, "d_k"), (d_v, "d_v"), (heads, "heads")))
     linear = 2 * d_k + d_v + (d_v if output else 0)
     return d_model * linear / (d_k + d_v)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Arrays read and written by a piece of torch code (see :func:`memory_traffic`)."""
+
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def total(self) -> int:
+        """Reads plus writes: how many times a large array travelled through memory."""
+        return self.reads + self.writes
+
+
+def memory_traffic(fn: Callable[..., Any], *args: Any, min_numel: int = 1,
+                   **kwargs: Any) -> Traffic:
+    """Run ``fn(*args, **kwargs)`` and count the large torch arrays each operation moves.
+
+    Every operation torch dispatches (below autograd, so ``torch.softmax`` is one operation
+    and ``x / 2`` another) is taken to read each of its input tensors once and write each
+    of its new output tensors once, as a separate kernel does.  Only tensors with at least
+    ``min_numel`` elements are counted.  Views (``view``, ``transpose``, ``expand``) share
+    their input's memory and move nothing; an in-place operation reads and writes its
+    tensor.  What a kernel does inside its caches (the passes a fused softmax makes over one
+    row) is not seen, and NumPy code is invisible.  Chapter 3 uses it to show why a softmax
+    written as separate steps is slower than a fused one.
+
+    Returns:
+        a :class:`Traffic` with the counts and the bytes read and written.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    min_numel = _positive_int(min_numel, "min_numel")
+    totals = dict(reads=0, writes=0, bytes_read=0, bytes_written=0)
+
+    def large(tree) -> dict[int, int]:
+        # distinct memory of the large tensors in `tree`: {storage address: bytes}
+        return {t.untyped_storage().data_ptr(): t.numel() * t.element_size()
+                for t in tree_leaves(tree)
+                if isinstance(t, torch.Tensor) and t.numel() >= min_numel}
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            read, written = large((args, kwargs)), large(out)
+            in_place = func._schema.is_mutable
+            if not in_place:
+                if written and written.keys() <= read.keys():  # a view: nothing moves
+                    return out
+                written = {k: b for k, b in written.items() if k not in read}
+            totals["reads"] += len(read)
+            totals["writes"] += len(written)
+            totals["bytes_read"] += sum(read.values())
+            totals["bytes_written"] += sum(written.values())
+            return out
+
+    with _Counter():
+        fn(*args, **kwargs)
+    return Traffic(**totals)

@@ -132,3 +132,48 @@ def test_crossover_closed_forms():
 def test_bad_sizes_are_refused(call):
     with pytest.raises(ValueError, match="must be a (positive|non-negative) integer"):
         call()
+
+
+# ----------------------------------------------------------------------------- measured traffic
+
+def test_memory_traffic_counts_each_operation():
+    x = torch.randn(40, 50)                                          # 2000 float32 = 8000 bytes
+    t = cost.memory_traffic(lambda: (x * 2).exp(), min_numel=2000)   # x*2: r1 w1; exp: r1 w1
+    assert (t.reads, t.writes, t.total) == (2, 2, 4)
+    assert t.bytes_read == t.bytes_written == 2 * 8000
+    fused = cost.memory_traffic(torch.softmax, x, -1, min_numel=2000)
+    assert (fused.reads, fused.writes) == (1, 1)
+
+
+def test_memory_traffic_views_move_nothing_and_small_arrays_are_ignored():
+    x = torch.randn(6, 7, dtype=torch.float64)
+    assert cost.memory_traffic(lambda: (x.view(42), x.T, x.expand(2, 6, 7), x[1:]),
+                               min_numel=1).total == 0
+    assert cost.memory_traffic(lambda: x.sum(), min_numel=2) == cost.Traffic(1, 0, 336, 0)
+    assert cost.memory_traffic(lambda: x + 1, min_numel=43).total == 0
+
+
+def test_memory_traffic_matmul_and_in_place():
+    a, b = torch.randn(30, 2), torch.randn(2, 40)                   # small inputs, large output
+    t = cost.memory_traffic(torch.matmul, a, b, min_numel=1000)
+    assert (t.reads, t.writes, t.bytes_written) == (0, 1, 30 * 40 * 4)
+    y = torch.zeros(1000)
+    t = cost.memory_traffic(lambda: y.add_(1.0), min_numel=1000)     # read-modify-write
+    assert (t.reads, t.writes) == (1, 1) and torch.all(y == 1)
+
+
+def test_memory_traffic_separate_softmax_steps_move_more():
+    # the softmax of chapter 3, as separate steps, against torch's fused one
+    s = torch.randn(4, 64, 64)
+    steps = lambda: (lambda e: e / e.sum(-1, keepdim=True))((s - s.amax(-1, keepdim=True)).exp())
+    assert torch.allclose(steps(), torch.softmax(s, -1), atol=1e-6)
+    separate = cost.memory_traffic(steps, min_numel=s.numel())
+    fused = cost.memory_traffic(torch.softmax, s, -1, min_numel=s.numel())
+    assert (separate.reads, separate.writes) == (5, 3) and fused.total == 2
+    assert cost.memory_traffic(attnlib.softmax, s, min_numel=s.numel()).total >= separate.total
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_memory_traffic_refuses_bad_min_numel(bad):
+    with pytest.raises(ValueError, match="min_numel"):
+        cost.memory_traffic(lambda: None, min_numel=bad)
