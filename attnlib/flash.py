@@ -29,9 +29,10 @@ aligned (query i sits at key position S - L + i), as in
 :func:`attnlib.scaled_dot_product_attention`.
 
 The module ends with a simulator of a two-level memory (a slow memory and a fast memory
-of M elements) that counts the elements each algorithm moves between them, the
-quantity the FlashAttention paper analyses: Theta(n d + n^2) for plain attention,
-Theta(n^2 d^2 / M) for the tiled algorithm (the paper writes N for our n).
+of M elements), which refuses any step whose working set is larger than M and counts the
+elements each algorithm moves between the two, the quantity the FlashAttention paper
+analyses: Theta(n d + n^2) for plain attention, Theta(n^2 d^2 / M) for the tiled
+algorithm (the paper writes N for our n).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .backward import _sum_to
 from .sdpa import _check_qkv
 
 __all__ = [
+    "FastMemoryOverflowError",
     "TrafficCount",
     "TwoLevelMemory",
     "flash_attention_backward",
@@ -463,19 +465,31 @@ def _join(xp, parts, empty_shape, like):
 
 # ----------------------------------------------------------------------------- memory traffic
 
+class FastMemoryOverflowError(ValueError):
+    """Raised when a step of a simulated algorithm would hold more than the fast memory's
+    ``M`` elements at once (tiles chosen too large for ``M``).  ``needed``: the size of
+    that working set; ``M``: the fast memory's size, both in elements."""
+
+    def __init__(self, message: str, needed: int, M: int):
+        super().__init__(message)
+        self.needed, self.M = needed, M
+
+
 @dataclass
 class TrafficCount:
     """Elements moved between the slow and the fast memory, by array name.
 
     ``reads[name]``: elements of ``name`` copied from slow to fast memory;
     ``writes[name]``: elements copied back.  ``peak_fast``: the largest working set the
-    algorithm held in fast memory at once, in elements.  ``block_q``/``block_k``: the
-    tile sizes it used.
+    algorithm held in fast memory at once, in elements (never more than ``M``: the
+    simulator raises :class:`FastMemoryOverflowError` first); ``peak_parts``: what that
+    working set was made of, by name.  ``block_q``/``block_k``: the tile sizes it used.
     """
 
     reads: Counter = field(default_factory=Counter)
     writes: Counter = field(default_factory=Counter)
     peak_fast: int = 0
+    peak_parts: dict = field(default_factory=dict)
     block_q: int = 0
     block_k: int = 0
 
@@ -488,7 +502,9 @@ class TrafficCount:
 class TwoLevelMemory:
     """A slow memory (HBM, DRAM) of unlimited size and a fast memory (SRAM, cache) of
     ``M`` elements.  Arithmetic happens only in fast memory; the simulator counts the
-    elements copied each way and the largest working set (chapter 15).
+    elements copied each way and enforces the size of the fast memory: every step of an
+    algorithm declares its working set with :meth:`hold`, which raises
+    :class:`FastMemoryOverflowError` when it is larger than ``M`` (chapter 15).
     """
 
     def __init__(self, M: int):
@@ -503,9 +519,22 @@ class TwoLevelMemory:
         """Copy ``n`` elements of array ``name`` from fast to slow memory."""
         self.count.writes[name] += n
 
-    def hold(self, n: int) -> None:
-        """Declare a working set of ``n`` elements held in fast memory at once."""
-        self.count.peak_fast = max(self.count.peak_fast, n)
+    def hold(self, n: int = 0, /, **parts: int) -> None:
+        """Declare the working set of one step: what sits in fast memory at once.
+
+        Give it as a total ``n``, or by part (``hold(K_j=..., V_j=..., Z_ij=...)``), or
+        both (they add up).  Raises :class:`FastMemoryOverflowError` if the total is
+        larger than ``M``; otherwise records it if it is the largest so far.
+        """
+        total = n + sum(parts.values())
+        if total > self.M:
+            detail = "; ".join(f"{k} = {v}" for k, v in parts.items()) or f"{n}"
+            raise FastMemoryOverflowError(
+                f"a working set of {total} elements ({detail}) does not fit in the fast "
+                f"memory of M = {self.M} elements: choose smaller tiles", total, self.M)
+        if total > self.count.peak_fast:
+            self.count.peak_fast = total
+            self.count.peak_parts = dict(parts) if not n else {"other": n, **parts}
 
 
 def _check_sizes(n: Any, d: Any, M: Any) -> tuple[int, int, int]:
@@ -516,12 +545,33 @@ def _check_sizes(n: Any, d: Any, M: Any) -> tuple[int, int, int]:
     return n, d, M
 
 
+def _flash_working_set(B_r: int, B_c: int, d: int) -> dict:
+    """What one step of Algorithm 1 holds in fast memory, by part (elements)."""
+    return {"K_j": B_c * d, "V_j": B_c * d, "Q_i": B_r * d, "O_i": B_r * d,
+            "l_i, m_i": 2 * B_r, "Z_ij": B_r * B_c,  # the tile; A_ij overwrites it
+            "row max, row sum": 2 * B_r}
+
+
 def flash_block_sizes(M: int, d: int) -> tuple[int, int]:
-    """The FlashAttention paper's tile sizes for a fast memory of ``M`` elements:
-    ``B_c = ceil(M / 4d)`` keys and ``B_r = min(B_c, d)`` queries.  Returns (B_r, B_c)."""
+    """Tile sizes for Algorithm 1 of the FlashAttention paper in a fast memory of ``M``
+    elements, chosen so that one step's working set fits.  Returns (B_r, B_c).
+
+    ``B_c = ceil(M / 4d)`` keys, as in the paper: K_j and V_j fill about half of M.
+    ``B_r = min(B_c, d)`` queries, as in the paper, lowered where needed so that
+    K_j, V_j, Q_i, O_i, l_i, m_i, the (B_r, B_c) tile of scores and two row statistics
+    fit in M together (the paper's sizes fit only up to a constant factor when
+    M < 8 d^2 or so).  The traffic of Algorithm 1 depends on B_c alone, so lowering B_r
+    changes no count.  Raises ``ValueError`` if M cannot hold even one query row.
+    """
     M, d = _positive_int(M, "M"), _positive_int(d, "d")
     B_c = -(-M // (4 * d))
-    return min(B_c, d), B_c
+    room = M - 2 * B_c * d  # what K_j and V_j leave
+    B_r = min(B_c, d, max(room, 0) // (2 * d + B_c + 4))
+    if B_r < 1:
+        raise ValueError(f"M = {M} elements is too small for FlashAttention's tiles with "
+                         f"d = {d}: K_j and V_j of B_c = {B_c} rows leave {room} elements, "
+                         f"fewer than the {2 * d + B_c + 4} that one query row needs")
+    return B_r, B_c
 
 
 def plain_attention_traffic(n: int, d: int, M: int) -> TrafficCount:
@@ -542,17 +592,17 @@ def plain_attention_traffic(n: int, d: int, M: int) -> TrafficCount:
         mem.read("Q", bi * d)
         mem.read("K", n * d)  # the inner loop streams all of K past Q_i, b rows at a time
         mem.write("Z", bi * n)  # ... and writes each (bi, b) tile of Z
-        mem.hold(bi * d + b * d + bi * b)  # Q_i, K_j, Z_ij
+        mem.hold(Q_i=bi * d, K_j=b * d, Z_ij=bi * b)
     passes = 1 if n <= M else 2  # (2) A = softmax(Z), row by row
     mem.read("Z", passes * n * n)
     mem.write("A", n * n)
-    mem.hold(min(n, M))
+    mem.hold(row=min(n, M))
     for i0 in range(0, n, b):  # (3) O = A V, one block of b query rows at a time
         bi = min(b, n - i0)
         mem.read("A", bi * n)  # the inner loop reads A_ij and V_j, b keys at a time,
         mem.read("V", n * d)
         mem.write("O", bi * d)  # ... accumulating O_i in fast memory
-        mem.hold(bi * b + b * d + bi * d)  # A_ij, V_j, O_i
+        mem.hold(A_ij=bi * b, V_j=b * d, O_i=bi * d)
     mem.count.block_q = mem.count.block_k = b
     return mem.count
 
@@ -567,9 +617,14 @@ def flash_attention_traffic(n: int, d: int, M: int, *, block_q: int | None = Non
     block) pair the algorithm reads Q_i, O_i, l_i, m_i and writes O_i, l_i, m_i back;
     K and V are read once.  With T_c = n / B_c ~ 4 n d / M outer iterations, each
     moving about 3 n d elements of Q and O, the total is Theta(n^2 d^2 / M).
+
+    Each step holds K_j, V_j, Q_i, O_i, l_i, m_i, the tile Z_ij and two row statistics;
+    tiles (given or default) whose working set exceeds M raise
+    :class:`FastMemoryOverflowError`.
     """
     n, d, M = _check_sizes(n, d, M)
-    B_r, B_c = flash_block_sizes(M, d)
+    if block_q is None or block_k is None:
+        B_r, B_c = flash_block_sizes(M, d)
     B_r = B_r if block_q is None else _positive_int(block_q, "block_q")
     B_c = B_c if block_k is None else _positive_int(block_k, "block_k")
     mem = TwoLevelMemory(M)
@@ -578,6 +633,7 @@ def flash_attention_traffic(n: int, d: int, M: int, *, block_q: int | None = Non
     br = min(B_r, n)
     for j0 in range(0, n, B_c):  # outer loop: one block of keys and values
         bc = min(B_c, n - j0)
+        mem.hold(**_flash_working_set(br, bc, d))  # the largest step of the inner loop
         mem.read("K", bc * d)
         mem.read("V", bc * d)
         # inner loop over the query blocks i (summed here): read Q_i, O_i, l_i, m_i, update
@@ -587,7 +643,5 @@ def flash_attention_traffic(n: int, d: int, M: int, *, block_q: int | None = Non
         mem.read("l, m", 2 * n)
         mem.write("O", n * d)
         mem.write("l, m", 2 * n)
-        # K_j, V_j, Q_i, O_i, l_i, m_i, the tile Z_ij (A_ij overwrites it), 2 row stats
-        mem.hold(2 * bc * d + 2 * br * d + 2 * br + br * bc + 2 * br)
     mem.count.block_q, mem.count.block_k = B_r, B_c
     return mem.count

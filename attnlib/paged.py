@@ -259,14 +259,16 @@ class PagedKVCache:
 
         New blocks are taken from the pool as needed.  If the last block is shared with
         another sequence (after a fork) and not full, it is first copied to a fresh block
-        (copy-on-write), so no other sequence sees the new positions.  If the pool has
-        too few free blocks, :class:`OutOfBlocksError` is raised before anything changes.
+        (copy-on-write), so no other sequence sees the new positions; appending L = 0
+        positions writes nothing and so copies nothing.  If the pool has too few free
+        blocks, :class:`OutOfBlocksError` is raised before anything changes.
         """
         seq_id = self._check_live(seq_id)
         self._check_new(k, v)
         table, S, bs = self._tables[seq_id], self._lengths[seq_id], self.block_size
         L = k.shape[-2]
-        cow = S % bs != 0 and self.allocator.refcount(table[-1]) > 1
+        # copy-on-write only when a position is really written into a shared partial block
+        cow = L > 0 and S % bs != 0 and self.allocator.refcount(table[-1]) > 1
         needed = math.ceil((S + L) / bs) - len(table) + int(cow)
         if needed > self.allocator.num_free:
             raise OutOfBlocksError(

@@ -334,18 +334,59 @@ def test_flash_traffic_is_quadratic_in_n_and_inverse_in_m():
 
 
 def test_flash_traffic_counts_in_closed_form():
-    n, d, M = 1000, 16, 1000  # ragged blocks: B_c = 16, B_r = 16; 1000 = 62 * 16 + 8
+    n, d, M = 1000, 16, 1000  # ragged blocks: B_c = 16, B_r = 9; 1000 = 62 * 16 + 8
     B_r, B_c = fl.flash_block_sizes(M, d)
-    assert (B_r, B_c) == (16, 16)
+    assert (B_r, B_c) == (9, 16)  # min(B_c, d) = 16 query rows would not fit in M
     count = fl.flash_attention_traffic(n, d, M)
     T_c = math.ceil(n / B_c)
     assert count.reads["K"] == count.reads["V"] == n * d  # K and V read once
     assert count.reads["Q"] == T_c * n * d  # Q read once per key block
     assert count.writes["O"] == n * d + T_c * n * d
     assert count.total == 2 * n * d + n * d + 2 * n + T_c * (3 * n * d + 4 * n)
-    assert count.peak_fast <= 1.25 * M + 4 * d + 4 * B_r  # the paper's sizes, up to a constant
-    assert fl.flash_block_sizes(2 ** 16, 64) == (64, 256)
-    assert fl.flash_block_sizes(1000, 64) == (4, 4)  # B_r = min(B_c, d)
+    assert count.peak_fast <= M
+    assert fl.flash_block_sizes(2 ** 16, 64) == (64, 256)  # the paper's B_r = min(B_c, d)
+    assert fl.flash_block_sizes(1000, 64) == (3, 4)  # min(B_c, d) = 4 would not fit
+
+
+def test_flash_block_sizes_fit_the_fast_memory_and_are_the_largest_that_do():
+    for d in (1, 3, 16, 64, 128):
+        for M in sorted({16 * d + 32, 1000, 4096, max(3 * d * d + 7, 16 * d + 32), 2 ** 14, 2 ** 16, 2 ** 18}):
+            B_r, B_c = fl.flash_block_sizes(M, d)
+            assert B_c == math.ceil(M / (4 * d))  # the paper's key block
+            need = lambda b_r: 2 * B_c * d + 2 * b_r * d + 4 * b_r + b_r * B_c  # noqa: E731
+            assert 1 <= B_r <= min(B_c, d) and need(B_r) <= M, (M, d, B_r, B_c)
+            assert B_r == min(B_c, d) or need(B_r + 1) > M, (M, d, B_r, B_c)
+            count = fl.flash_attention_traffic(4 * B_c + 3, d, M)
+            assert count.peak_fast == need(B_r) <= M
+            assert count.peak_parts["K_j"] == count.peak_parts["V_j"] == B_c * d
+            assert count.peak_parts["Z_ij"] == B_r * B_c
+    with pytest.raises(ValueError, match="too small"):
+        fl.flash_block_sizes(4 * 64, 64)  # K_j and V_j leave no room for a query row
+
+
+def test_the_simulator_refuses_a_working_set_larger_than_m():
+    mem = fl.TwoLevelMemory(100)
+    mem.hold(a=60, b=40)  # exactly full is allowed
+    assert mem.count.peak_fast == 100 and mem.count.peak_parts == {"a": 60, "b": 40}
+    mem.hold(30)
+    assert mem.count.peak_fast == 100  # only the largest working set is kept
+    with pytest.raises(fl.FastMemoryOverflowError, match=r"a = 60; b = 41.*M = 100"):
+        mem.hold(a=60, b=41)
+    with pytest.raises(fl.FastMemoryOverflowError):
+        mem.hold(101)
+    # the paper's formulas taken literally overflow a small fast memory ...
+    n, d, M = 4096, 64, 2 ** 12
+    B_c = math.ceil(M / (4 * d))
+    with pytest.raises(fl.FastMemoryOverflowError, match="M = 4096") as info:
+        fl.flash_attention_traffic(n, d, M, block_q=min(B_c, d), block_k=B_c)
+    assert (info.value.needed, info.value.M) == (2 * B_c * d + 16 * (2 * d + B_c + 4), M)
+    # ... while the default sizes fit, and move exactly as much (the count depends on B_c)
+    fits = fl.flash_attention_traffic(n, d, M)
+    assert fits.block_k == B_c and fits.block_q < min(B_c, d) and fits.peak_fast <= M
+    literal = fl.flash_attention_traffic(n, d, 2 * M, block_q=min(B_c, d), block_k=B_c)
+    assert literal.total == fits.total
+    for M in (2 ** 12, 2 ** 14, 2 ** 16, 2 ** 18):
+        assert fl.plain_attention_traffic(n, d, M).peak_fast <= M
 
 
 def test_plain_traffic_writes_and_reads_the_n_by_n_arrays():
@@ -382,3 +423,112 @@ def test_benchmark_measures_memory_and_agrees(rng):
     assert last["tiled_bytes"] < last["plain_bytes"] / 4
     assert last["max_abs_diff"] < 1e-5
     assert "mem ratio" in fb.format_table(rows)
+
+
+# ------------------------------------------------- the GPU benchmark's accuracy rule, on a CPU
+
+def _gpu_benchmark():
+    """attnlib.kernels.benchmark, imported as tests/test_flash_triton.py does: without a
+    GPU, Triton's interpreter must be switched on before triton is first imported."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from attnlib.kernels import benchmark
+
+    return benchmark
+
+
+def _qkvdo(dtype, B=2, H=3, N=77, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, N, d, generator=g).to(dtype) for _ in range(4))
+
+
+def _plain_low_precision(causal):
+    """The textbook algorithm in the inputs' dtype (the softmax in float32): the baseline."""
+    def plain(q, k, v):
+        z = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if causal:
+            L, S = z.shape[-2:]
+            z = z.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(S - L), float("-inf"))
+        return torch.softmax(z.float(), dim=-1).to(q.dtype) @ v
+    return plain
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by 1.05: a kernel with a wrong dK."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.05
+
+
+def test_benchmark_reference_is_plain_attention_in_float32():
+    bm = _gpu_benchmark()
+    q, k, v, do = _qkvdo(torch.float16, N=19, d=8)
+    for causal in (False, True):
+        ref = bm.reference_outputs(q, k, v, do, causal)
+        assert all(r.dtype == torch.float32 for r in ref)
+        q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+        o64 = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
+        o64.backward(do.double())
+        for r, want in zip(ref, (o64, q64.grad, k64.grad, v64.grad)):
+            assert (r.double() - want.detach()).abs().max() < 1e-5
+        assert q.grad is None  # the inputs' own gradients are left alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_benchmark_accuracy_rule_passes_good_kernels_and_names_a_wrong_gradient(dtype, causal):
+    bm = _gpu_benchmark()
+    q, k, v, do = _qkvdo(dtype)
+    reference = bm.reference_outputs(q, k, v, do, causal)
+    baseline = bm.outputs_and_grads(_plain_low_precision(causal), q, k, v, do)
+
+    def fused(q, k, v):  # a stand-in for the Triton kernel: PyTorch's fused SDPA on the CPU
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    report = bm.accuracy_report(bm.outputs_and_grads(fused, q, k, v, do), baseline, reference)
+    assert set(report) == {"o", "dq", "dk", "dv"} and all(r["ok"] for r in report.values())
+    for r in report.values():  # the numbers behind the verdict
+        assert 0 < r["ours"] <= r["bound"] == bm.ACCURACY_FACTOR * r["baseline"] + r["slack"]
+        assert 0 < r["slack"] < 0.1 and 0 < r["baseline"] < 0.1
+    assert bm._worst_ratio(report) <= 1
+    bm.check_accuracy(report)  # passes silently
+
+    def wrong_dk(q, k, v):
+        return fused(q, _ScaleGrad.apply(k), v)
+
+    bad = bm.accuracy_report(bm.outputs_and_grads(wrong_dk, q, k, v, do), baseline, reference)
+    assert [name for name, r in bad.items() if not r["ok"]] == ["dk"]
+    assert bm._worst_ratio(bad) > 1
+    with pytest.raises(AssertionError, match=r"dk: error .* > bound") as info:
+        bm.check_accuracy(bad, "the fake kernel")
+    assert "dq:" not in str(info.value) and "the fake kernel" in str(info.value)
+
+    def wrong_scale(q, k, v):  # scores scaled by 1/d instead of 1/sqrt(d)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1 / q.shape[-1])
+
+    worse = bm.accuracy_report(bm.outputs_and_grads(wrong_scale, q, k, v, do), baseline,
+                               reference)
+    assert not any(r["ok"] for r in worse.values())
+
+
+def test_benchmark_table_shows_the_accuracy_and_help_needs_no_gpu():
+    import subprocess
+    import sys
+
+    bm = _gpu_benchmark()
+    row = {"dtype": "float16", "causal": False, "d": 64, "N": 1024, "fwd_ours": 300.0,
+           "fwd_torch": 400.0, "bwd_ours": 150.0, "bwd_torch": 200.0, "err_ratio": 0.4,
+           "accuracy": "ok"}
+    table = bm.format_table([row, dict(row, err_ratio=1.7, accuracy="FAIL dk")])
+    assert "err/bound" in table and "0.40" in table and "FAIL dk" in table
+    done = subprocess.run([sys.executable, "-m", "attnlib.kernels.benchmark", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--ref-heads" in done.stdout and "--quick" in done.stdout

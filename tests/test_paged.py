@@ -127,6 +127,37 @@ def test_fork_shares_blocks_and_copies_a_partial_last_block_on_write(block_size,
     assert cache.copies == int(partial)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_appending_nothing_to_a_forked_sequence_copies_nothing(backend, rng):
+    """Copy-on-write happens on a write: an empty append to a sequence whose partial last
+    block is shared must leave the block shared, take no block and count no copy."""
+    cache = PagedKVCache(8, 4)
+    k, v = _fill(cache, "p", 6, rng, backend)  # blocks: one full, one half full
+    cache.fork("p", "c")
+    table, used = cache.block_table("p"), cache.allocator.num_used
+    empty_k = to_backend(np.zeros((2, 0, 5)), backend, "float64")
+    empty_v = to_backend(np.zeros((2, 0, 3)), backend, "float64")
+    for seq in ("c", "p", "c"):
+        cache.append(seq, empty_k, empty_v)
+        assert cache.copies == 0 and cache.allocator.num_used == used
+        assert cache.block_table("c") == cache.block_table("p") == table
+        assert all(cache.allocator.refcount(b) == 2 for b in table)
+        assert cache.length(seq) == 6
+    one_k = to_backend(rng.standard_normal((2, 1, 5)), backend, "float64")
+    one_v = to_backend(rng.standard_normal((2, 1, 3)), backend, "float64")
+    cache.append("c", one_k, one_v)  # the first real write copies the shared block
+    assert cache.copies == 1 and cache.allocator.num_used == used + 1
+    assert cache.block_table("c")[0] == table[0] and cache.block_table("c")[1] != table[1]
+    np.testing.assert_array_equal(to_numpy(cache.gather("p")[0]), k)
+    np.testing.assert_array_equal(to_numpy(cache.gather("c")[1]),
+                                  np.concatenate([v, to_numpy(one_v)], axis=1))
+    full = PagedKVCache(1, 4)  # an empty append needs no free block, even with a full pool
+    _fill(full, "a", 3, rng, backend, chunks=1)
+    full.fork("a", "b")
+    full.append("b", empty_k, empty_v)
+    assert full.copies == 0 and full.allocator.num_free == 0
+
+
 def test_free_returns_blocks_and_shared_blocks_survive(rng):
     cache = PagedKVCache(8, 4)
     k, _ = _fill(cache, "p", 8, rng, "numpy")

@@ -130,7 +130,9 @@ class PagedCacheMachine(RuleBasedStateMachine):
         self.next_token += n
         k, v = rows_of(tokens)
         S, table = len(self.shadow[seq]), self.cache.block_table(seq)
-        last_shared = S % self.bs != 0 and self.cache.allocator.refcount(table[-1]) > 1
+        # copy-on-write: only a real write (n > 0) into a shared, partly filled last block
+        last_shared = (n > 0 and S % self.bs != 0
+                       and self.cache.allocator.refcount(table[-1]) > 1)
         needed = math.ceil((S + n) / self.bs) - math.ceil(S / self.bs) + int(last_shared)
         free_before, before = self.cache.allocator.num_free, self._state()
         self.writes, self.writer = [], seq
