@@ -23,14 +23,27 @@ HAVE_MYST_NB = _myst_glue is not None
 def glue(name: str, variable: Any, display: bool = True) -> None:
     """Store ``variable`` under ``name`` for ``{glue:text}`name``` in the prose.
 
-    Without ``myst_nb`` nothing is stored; the value is displayed if ``display``.
+    Without ``myst_nb`` nothing is stored; the value is displayed if ``display``.  A NumPy
+    or torch scalar is stored as the Python number it holds, so that a format such as
+    ``:.2f`` applies to it (myst_nb cannot format ``np.float64(0.5)``).
     """
+    variable = _plain_number(variable)
     if _myst_glue is not None:
         _myst_glue(name, variable, display=display)
     elif display:
         from IPython.display import display as show
 
         show(variable)
+
+
+def _plain_number(value: Any) -> Any:
+    """NumPy scalars, 0-d arrays and one-element torch tensors -> int/float/bool."""
+    item = getattr(value, "item", None)
+    shape = getattr(value, "shape", None)
+    if callable(item) and shape is not None and tuple(shape) == () and type(value).__module__ \
+            .split(".")[0] in ("numpy", "torch"):
+        return item()
+    return value
 
 
 def skip_rest_unless(available: bool, reason: str) -> bool:
