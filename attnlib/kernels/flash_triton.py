@@ -506,8 +506,11 @@ def flash_attention(q: Any, k: Any, v: Any, *, causal: bool = False, scale: floa
         causal: forbid future keys, **bottom-right aligned** as in attnlib: query i sits at
             key position S - L + i.  A query that sees no key (L > S) gets output 0.
         scale: multiplies the scores; default 1/sqrt(d).
-        block_m, block_n: block sizes (powers of two >= 16) of the dimension a program
-            owns and of the one it loops over; the result does not depend on them.
+        block_m, block_n: block sizes (powers of two >= 16) of the queries and of the
+            keys, in every kernel (the forward and dQ kernels own a block of queries and
+            loop over the keys; the dK/dV kernel owns a block of keys and loops over the
+            queries).  They change the result only through the order of the sums, at the
+            level of rounding.
 
     Returns:
         (B, H, L, d), same dtype and device as q; differentiable with respect to q, k, v
