@@ -20,7 +20,7 @@ CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
 
 SUSPECT = re.compile(
     r"(?<![\w.\-/])(?:"
-    r"\d+\.\d+(?![\w.])"                # a decimal: 0.82, 1.9
+    r"\d+\.\d+(?!\w|\.\d)"              # a decimal: 0.82, 1.9 (also before a full stop)
     r"|\d+(?:\.\d+)?\s?%"               # a percentage: 37 %, 1.7%
     r"|\d+(?:\.\d+)?\s?[x×](?![\w])"    # a multiplier: 2.9x, 3×
     r")")
@@ -86,3 +86,4 @@ def test_the_check_catches_typed_numbers_and_spares_glued_ones():
     assert _suspects("Accuracy is {glue:text}`ch10_acc:.3f` at $\\tau = 0.5$, in `f(0.1)`.") == []
     assert _suspects("FlashAttention-2 reaches 50-73 % of peak {footcite}`dao2023`.") == []
     assert _suspects("Chapter 3 uses d_k = 64 and 12 heads.") == []
+    assert _suspects("The weight stays near 0.1. Then it grows.") == ["0.1"]
