@@ -21,6 +21,13 @@ the book covers::
 
 times the number of layers and the bytes per element (2 for float16/bfloat16).
 :data:`PUBLISHED_CONFIGS` holds the attention shapes of a few published models.
+
+For long contexts (the end of chapter 11) two things bound the cache.
+:class:`SlidingWindowKVCache` keeps a fixed number of positions, the first ``n_sink``
+("attention sinks", StreamingLLM, Xiao et al. 2023) and the last ``window``, in a ring
+buffer; :func:`attention_sink_mask` is the mask of the same attention over a whole
+sequence.  :func:`quantize_int8` stores keys and values in 8 bits with one scale per
+channel or per token (:class:`Int8Tensor`), dequantised before attention.
 """
 
 from __future__ import annotations
@@ -30,16 +37,23 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from ._backend import check_array, device_of, namespace
+import numpy as np
+
+from ._backend import check_array, check_float, device_of, namespace
+from .masks import causal_mask, mask_and, mask_or, sliding_window_mask
 
 __all__ = [
     "PUBLISHED_CONFIGS",
     "CacheConfig",
+    "Int8Tensor",
     "KVCache",
+    "SlidingWindowKVCache",
+    "attention_sink_mask",
     "kv_cache_bytes",
     "kv_cache_bytes_per_token",
     "kv_cache_elements_per_token",
     "mla_cache_elements_per_token",
+    "quantize_int8",
 ]
 
 
@@ -47,6 +61,36 @@ def _check_int(name: str, n: Any, minimum: int) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {n!r}")
     return int(n)
+
+
+def _check_new_kv(k: Any, v: Any, held_k: Any, held_v: Any):
+    """Check new keys (..., L, d_k) and values (..., L, d_v) against each other and
+    against the buffers a cache already holds (None before its first append)."""
+    check_array(k, "k", min_ndim=2, shape_hint="(..., L, d_k)")
+    check_array(v, "v", min_ndim=2, shape_hint="(..., L, d_v)")
+    like = {} if held_k is None else {"cache": held_k}
+    xp = namespace(k=k, v=v, **like)
+    for name, x in (("k", k), ("v", v)):
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v must share one dtype; got k {k.dtype} and v {v.dtype}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"k and v must agree on every dimension but the last, (..., L); got k "
+            f"{tuple(k.shape)} and v {tuple(v.shape)}")
+    if held_k is not None:
+        want_k = (*held_k.shape[:-2], "L", held_k.shape[-1])
+        want_v = (*held_v.shape[:-2], "L", held_v.shape[-1])
+        if k.shape[:-2] != held_k.shape[:-2] or k.shape[-1] != held_k.shape[-1] \
+                or v.shape[-1] != held_v.shape[-1]:
+            raise ValueError(
+                f"this cache holds keys of shape {want_k} and values {want_v}; got k "
+                f"{tuple(k.shape)} and v {tuple(v.shape)}")
+        if k.dtype != held_k.dtype:
+            raise TypeError(f"this cache holds {held_k.dtype}; got k and v of "
+                            f"dtype {k.dtype}")
+    return xp
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -153,31 +197,7 @@ class KVCache:
 
     # -- helpers -----------------------------------------------------------------------
     def _check_new(self, k: Any, v: Any):
-        check_array(k, "k", min_ndim=2, shape_hint="(..., L, d_k)")
-        check_array(v, "v", min_ndim=2, shape_hint="(..., L, d_v)")
-        like = {} if self._k is None else {"cache": self._k}
-        xp = namespace(k=k, v=v, **like)
-        for name, x in (("k", k), ("v", v)):
-            if not xp.isdtype(x.dtype, "real floating"):
-                raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
-        if k.dtype != v.dtype:
-            raise TypeError(f"k and v must share one dtype; got k {k.dtype} and v {v.dtype}")
-        if k.shape[:-1] != v.shape[:-1]:
-            raise ValueError(
-                f"k and v must agree on every dimension but the last, (..., L); got k "
-                f"{tuple(k.shape)} and v {tuple(v.shape)}")
-        if self._k is not None:
-            want_k = (*self._k.shape[:-2], "L", self._k.shape[-1])
-            want_v = (*self._v.shape[:-2], "L", self._v.shape[-1])
-            if k.shape[:-2] != self._k.shape[:-2] or k.shape[-1] != self._k.shape[-1] \
-                    or v.shape[-1] != self._v.shape[-1]:
-                raise ValueError(
-                    f"this cache holds keys of shape {want_k} and values {want_v}; got k "
-                    f"{tuple(k.shape)} and v {tuple(v.shape)}")
-            if k.dtype != self._k.dtype:
-                raise TypeError(f"this cache holds {self._k.dtype}; got k and v of "
-                                f"dtype {k.dtype}")
-        return xp
+        return _check_new_kv(k, v, self._k, self._v)
 
     def _reserve(self, xp, k: Any, v: Any, needed: int) -> None:
         """Make the buffers hold at least ``needed`` positions."""
@@ -200,6 +220,199 @@ class KVCache:
             f"keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}"
         cap = "growing" if self.capacity is None else f"capacity={self.capacity}"
         return f"KVCache({cap}, length={self._length}, {shape})"
+
+
+# ------------------------------------------------------- a fixed-size cache (long contexts)
+def attention_sink_mask(L: int, S: int | None = None, *, window: int, n_sink: int = 0,
+                        like: Any = None):
+    """The mask of sliding-window attention with attention sinks, (L, S), bottom-right.
+
+    Query i sits at key position ``p = S - L + i`` (the L queries are the last L of the
+    S positions, as when decoding).  It may attend to key j when ``j <= p`` and
+
+    - ``j < n_sink`` (one of the first tokens, kept for ever: the "attention sinks"
+      of StreamingLLM), or
+    - ``p - window < j`` (one of the last ``window`` positions, itself included).
+
+    Example, L = S = 7, n_sink = 2, window = 3::
+
+        1 . . . . . .
+        1 1 . . . . .
+        1 1 1 . . . .
+        1 1 1 1 . . .
+        1 1 1 1 1 . .
+        1 1 . 1 1 1 .
+        1 1 . . 1 1 1
+
+    ``n_sink = 0`` is plain sliding-window attention (Mistral's), ``window`` counting the
+    query itself: ``sliding_window_mask(L, S, window=window - 1)``.  This is the mask
+    that decoding through a :class:`SlidingWindowKVCache` computes, one row at a time.
+
+    Args:
+        L, S: numbers of queries and keys (S defaults to L).
+        window: W >= 1, the recent positions each query sees (itself included).
+        n_sink: the number of first positions every query sees.
+        like: an array whose backend and device the mask should use.
+    """
+    window = _check_int("window", window, 1)
+    n_sink = _check_int("n_sink", n_sink, 0)
+    S = L if S is None else S
+    recent = sliding_window_mask(L, S, window=window - 1, like=like)  # (L, S)
+    xp = namespace(mask=recent)
+    j = xp.arange(S, device=device_of(recent))[None, :]  # (1, S) key positions
+    sinks = mask_and(causal_mask(L, S, like=like), j < n_sink)  # (L, S)
+    return mask_or(sinks, recent)
+
+
+class SlidingWindowKVCache:
+    """A KV cache of fixed size: the first ``n_sink`` positions and the last ``window``.
+
+    Args:
+        window: W >= 1, the most recent positions kept (the newest included).
+        n_sink: the first positions kept for ever (StreamingLLM's attention sinks;
+            4 in the paper).  0 gives a plain rolling cache for sliding-window attention.
+
+    The buffers hold ``n_sink + window`` slots, allocated on the first :meth:`append`
+    and never again: memory stays constant however many tokens are decoded.  Position p
+    is written to slot ``p`` while the cache fills, and then, for p >= n_sink, to slot
+    ``n_sink + (p - n_sink) % window``, overwriting the oldest recent position in place
+    (a ring buffer; nothing is copied or shifted).  The sink slots are never overwritten::
+
+        n_sink = 2, window = 3, after position 6:   slot  0  1  2  3  4
+                                                 position  0  1  5  6  4
+
+    :meth:`append(k, v) <append>` returns the keys and values of every slot held, in
+    slot order, not position order: attention is a sum over keys, so the order does not
+    matter, and the new query (L = 1) attends to all of them.  Decoding token by token
+    through this cache equals attention over the whole sequence with
+    :func:`attention_sink_mask`.
+
+    Positions.  :attr:`length` counts every token appended, so a model that rotates keys
+    with RoPE *before* caching them (as ``GroupedQueryAttention`` does, at position
+    ``cache.length``) uses each token's original position, and the equality above holds
+    with RoPE too.  StreamingLLM instead numbers positions *within the cache*
+    (:attr:`cache_positions`: sinks 0 .. n_sink - 1, then the recent tokens in order),
+    so that no distance exceeds what the model saw in training; for that it caches keys
+    before the rotation and rotates the cached keys anew at each step.
+
+    A chunk of L > 1 positions (a prompt) may be appended only while it fits without
+    overwriting (then the causal mask is the right one for its queries); after that,
+    append one position per step.  See chapter 11.
+    """
+
+    def __init__(self, window: int, n_sink: int = 0) -> None:
+        self.window = _check_int("window", window, 1)
+        self.n_sink = _check_int("n_sink", n_sink, 0)
+        self.capacity = self.n_sink + self.window  # slots
+        self._k = None  # (..., capacity, d_k) buffer
+        self._v = None  # (..., capacity, d_v) buffer
+        self._seen = 0
+        self._positions = np.full(self.capacity, -1, dtype=np.int64)  # position per slot
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """The number of positions appended so far (the position of the next one)."""
+        return self._seen
+
+    @property
+    def held(self) -> int:
+        """The number of slots filled: ``min(length, n_sink + window)``."""
+        return min(self._seen, self.capacity)
+
+    @property
+    def allocated(self) -> int:
+        """Slots the buffers have room for (0 before the first append, then capacity)."""
+        return 0 if self._k is None else self._k.shape[-2]
+
+    @property
+    def keys(self):
+        """The cached keys (..., held, d_k) in slot order, a view; None before append."""
+        return None if self._k is None else self._k[..., : self.held, :]
+
+    @property
+    def values(self):
+        """The cached values (..., held, d_v) in slot order, a view; None before append."""
+        return None if self._v is None else self._v[..., : self.held, :]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """The original position of the token in each held slot, (held,) int64."""
+        return self._positions[: self.held].copy()
+
+    @property
+    def cache_positions(self) -> np.ndarray:
+        """StreamingLLM's positions within the cache, (held,): each slot's rank by position.
+
+        The sinks get 0 .. n_sink - 1 and the recent tokens n_sink, n_sink + 1, ... in the
+        order they came, so the newest token sits at ``held - 1``.
+        """
+        return np.argsort(np.argsort(self.positions))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (constant once the cache is full)."""
+        if self._k is None:
+            return 0
+        item = self._k.dtype.itemsize
+        per_position = math.prod(self._k.shape[:-2]) * (self._k.shape[-1] + self._v.shape[-1])
+        return per_position * self.held * item
+
+    def slot(self, position: int) -> int:
+        """The slot that holds (or will hold) a given position."""
+        position = _check_int("position", position, 0)
+        if position < self.capacity:
+            return position
+        return self.n_sink + (position - self.n_sink) % self.window
+
+    # -- changes -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every position, keeping the buffers for the next sequence."""
+        self._seen = 0
+        self._positions[:] = -1
+
+    def append(self, k: Any, v: Any):
+        """Append L new positions and return the keys and values of every slot held.
+
+        Args:
+            k: keys (..., L, d_k) of the new positions, e.g. (B, H_kv, L, d_k).
+            v: values (..., L, d_v).
+
+        Returns:
+            ``(keys, values)``, (..., held, d_k) and (..., held, d_v), views of the buffers
+            in slot order.
+
+        Raises:
+            ValueError: L > 1 positions that would overwrite a slot (append them one at
+                a time), or k and v that do not match each other or the cache.
+            TypeError: not arrays, not floating, or another backend, device or dtype.
+        """
+        xp = _check_new_kv(k, v, self._k, self._v)
+        L, start = k.shape[-2], self._seen
+        if L > 1 and start + L > self.capacity:
+            raise ValueError(
+                f"SlidingWindowKVCache(window={self.window}, n_sink={self.n_sink}) holds "
+                f"{self.capacity} slots and has {start} positions; a chunk of L = {L} "
+                f"(k of shape {tuple(k.shape)}) would overwrite slots that its own first "
+                f"queries need. Append at most {max(self.capacity - start, 1)} positions "
+                f"now, and one position per step once the cache is full")
+        if self._k is None:
+            lead, device = k.shape[:-2], device_of(k)
+            self._k = xp.zeros((*lead, self.capacity, k.shape[-1]), dtype=k.dtype, device=device)
+            self._v = xp.zeros((*lead, self.capacity, v.shape[-1]), dtype=v.dtype, device=device)
+        if L:
+            s = self.slot(start)  # L > 1 only while filling: slots start .. start + L - 1
+            self._k[..., s : s + L, :] = k  # in place: overwrites the oldest recent slot
+            self._v[..., s : s + L, :] = v
+            self._positions[s : s + L] = np.arange(start, start + L)
+            self._seen = start + L
+        return self.keys, self.values  # (..., held, d_k), (..., held, d_v)
+
+    def __repr__(self) -> str:
+        shape = "empty" if self._k is None else \
+            f"keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}"
+        return (f"SlidingWindowKVCache(window={self.window}, n_sink={self.n_sink}, "
+                f"length={self._seen}, held={self.held}, {shape})")
 
 
 # ------------------------------------------------------------------- memory per token
@@ -374,3 +587,81 @@ PUBLISHED_CONFIGS: dict[str, CacheConfig] = {c.name: c for c in [
     CacheConfig("DeepSeek-V2 as MHA", n_layers=60, n_heads=128, head_dim=128,
                 n_kv_heads=128, d_model=5120, source="deepseekai2024deepseekv2"),
 ]}
+
+
+# ------------------------------------------------------------------- an 8-bit cache
+_GRANULARITIES = ("channel", "token")
+
+
+@dataclass(frozen=True)
+class Int8Tensor:
+    """Keys or values stored in 8 bits: ``x ~ data * scale`` (symmetric, absmax).
+
+    Attributes:
+        data: int8 (..., S, d), the rounded ``x / scale``, in [-127, 127].
+        scale: the float scales, (..., 1, d) for ``granularity="channel"`` (one per
+            channel, shared by all S tokens) or (..., S, 1) for ``"token"`` (one per
+            token, shared by its d channels); the dtype of the quantised array.
+        granularity: ``"channel"`` or ``"token"``.
+    """
+
+    data: Any
+    scale: Any
+    granularity: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape (..., S, d) of the quantised array."""
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: one per element of ``data`` plus the scales."""
+        return math.prod(self.data.shape) + math.prod(self.scale.shape) * self.scale.dtype.itemsize
+
+    def dequantize(self):
+        """``data * scale`` (..., S, d) in the scales' dtype: what attention then uses."""
+        xp = namespace(data=self.data, scale=self.scale)
+        return xp.astype(self.data, self.scale.dtype) * self.scale
+
+
+def quantize_int8(x: Any, granularity: str) -> Int8Tensor:
+    """Quantise keys or values (..., S, d) to int8 with absmax scales.
+
+    Each group of numbers that shares a scale c = max|x| / 127 over the group is stored
+    as ``round(x / c)``, an integer in [-127, 127] (symmetric: no zero point).  The
+    rounding error of every number is at most c / 2, so a group with one large entry
+    (an outlier) loses the precision of all its small ones.  The groups:
+
+    - ``"channel"``: one scale per channel (the last axis), over all S tokens;
+    - ``"token"``: one scale per token (the axis S), over its d channels.
+
+    Keys of trained models have a few channels much larger than the rest, which is why
+    KIVI (Liu et al. 2024) quantises keys per channel and values per token; chapter 11
+    measures the difference.  A channel's scale covers the tokens quantised together, so
+    a cache that grows must fix it per block of tokens (KIVI's groups); this function
+    quantises the array it is given.
+
+    Args:
+        x: (..., S, d) float array, NumPy or torch, every entry finite, S, d >= 1.
+        granularity: ``"channel"`` or ``"token"``.
+
+    Returns:
+        An :class:`Int8Tensor`; ``.dequantize()`` gives the approximation of x.
+    """
+    check_array(x, "x", min_ndim=2, shape_hint="(..., S, d)")
+    xp = namespace(x=x)
+    check_float(xp, "x", x)
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"granularity must be one of {_GRANULARITIES}; got {granularity!r}")
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have at least one token and one channel, shape "
+                         f"(..., S, d) with S, d >= 1; got shape {tuple(x.shape)}")
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"x (shape {tuple(x.shape)}) has NaN or infinite entries: no "
+                         f"absmax scale can represent them")
+    axis = -2 if granularity == "channel" else -1  # the axis the scale is shared along
+    scale = xp.max(xp.abs(x), axis=axis, keepdims=True) / 127  # (..., 1, d) or (..., S, 1)
+    safe = xp.where(scale > 0, scale, xp.ones_like(scale))  # an all-zero group stores 0
+    data = xp.astype(xp.clip(xp.round(x / safe), -127, 127), xp.int8)  # (..., S, d)
+    return Int8Tensor(data, scale, granularity)

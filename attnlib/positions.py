@@ -18,6 +18,15 @@ book compares, each written once for NumPy and torch:
   rotate-half because its conversion script permutes the rows of W_Q and W_K within
   each head, by this permutation.
 
+For contexts longer than the training length (chapter 11), RoPE's frequencies are
+changed rather than its rotation: :func:`rope_frequencies_pi` (position interpolation,
+Chen et al. 2023), :func:`rope_frequencies_ntk` (NTK-aware scaling, bloc97 2023),
+:func:`rope_frequencies_yarn` (YaRN, Peng et al. 2023, with its attention factor) and
+:func:`rope_frequencies_llama3` (Llama 3.1's rule) each return a set of inverse
+frequencies, and :func:`apply_rope_frequencies` rotates with any such set, also over
+only the first dimensions of a head (partial rotary, GPT-NeoX's ``rotary_pct``;
+:func:`partial_rotary_dims`).
+
 Shape letters: L query positions, S key positions, H heads, d the width rotated
 (d_k for RoPE, d_model for sinusoidal encodings).
 """
@@ -25,6 +34,7 @@ Shape letters: L query positions, S key positions, H heads, d the width rotated
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -35,8 +45,15 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "apply_rope_frequencies",
+    "partial_rotary_dims",
     "rope_frequencies",
+    "rope_frequencies_llama3",
+    "rope_frequencies_ntk",
+    "rope_frequencies_pi",
+    "rope_frequencies_yarn",
     "rope_permutation",
+    "yarn_attention_factor",
     "sinusoidal_positions",
 ]
 
@@ -264,9 +281,20 @@ def apply_rope(x: Any, positions: Any = None, *, base: float = 10000.0,
         raise ValueError(f"pairing must be one of {_PAIRINGS}; got {pairing!r}")
     p = _rope_positions(xp, x, positions)  # (..., L)
     theta = xp.astype(rope_frequencies(d, base=base, like=p), p.dtype)  # (d/2,)
-    angles = p[..., None] * theta  # (..., L, d/2)
-    cos = xp.astype(xp.cos(angles), x.dtype)
-    sin = xp.astype(xp.sin(angles), x.dtype)
+    return _rotate_pairs(xp, x, p[..., None] * theta, pairing)  # angles (..., L, d/2)
+
+
+def _rotate_pairs(xp, x, angles, pairing, attention_factor=None):
+    """Rotate the d pairs-worth of dimensions of x (..., L, d) by angles (..., L, d/2).
+
+    With ``attention_factor``, cos and sin are multiplied by it first (YaRN's scaling,
+    applied as Hugging Face applies it).
+    """
+    d = x.shape[-1]
+    cos, sin = xp.cos(angles), xp.sin(angles)
+    if attention_factor is not None:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    cos, sin = xp.astype(cos, x.dtype), xp.astype(sin, x.dtype)
     if pairing == "rotate-half":
         x1, x2 = x[..., : d // 2], x[..., d // 2:]  # (..., L, d/2) each
         return xp.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -289,3 +317,229 @@ def rope_permutation(d: int) -> np.ndarray:
     """
     d = _check_even("d", d)
     return np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+
+
+# ------------------------------------------------- RoPE past the training length (ch. 11)
+# Each rule below returns RoPE's d/2 inverse frequencies theta'_i (radians per position),
+# pair i = 0 (fastest) .. d/2 - 1 (slowest), for a model trained on L_train positions and
+# run on about s * L_train.  apply_rope_frequencies rotates with them.
+def _check_factor(factor: Any) -> float:
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) \
+            or not math.isfinite(factor) or factor < 1:
+        raise ValueError(f"factor (the context extension s = L_new / L_train) must be a "
+                         f"finite number >= 1; got {factor!r}")
+    return float(factor)
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def rope_frequencies_pi(d: int, factor: float, *, base: float = 10000.0,
+                        like: Any = None) -> Any:
+    """Position interpolation (Chen et al. 2023): every frequency divided by s, (d/2,).
+
+    ``theta'_i = theta_i / s``, the same as squeezing the positions: position p is
+    rotated as p / s was, so positions 0 .. s * L_train - 1 produce only the angles of
+    0 .. L_train - 1, all seen in training.  The price: neighbouring positions are s
+    times closer in angle, also in the fastest pairs.  (Hugging Face: ``"linear"``.)
+
+    Args:
+        d: the (even) number of rotated dimensions.
+        factor: s >= 1, the context extension L_new / L_train.
+        base, like: as in :func:`rope_frequencies`.
+    """
+    factor = _check_factor(factor)
+    return rope_frequencies(d, base=base, like=like) / factor
+
+
+def rope_frequencies_ntk(d: int, factor: float, *, base: float = 10000.0,
+                         like: Any = None) -> Any:
+    """NTK-aware scaling (bloc97 2023): a larger base, ``base * s**(d / (d - 2))``, (d/2,).
+
+    The new base keeps the fastest pair exactly (theta'_0 = theta_0 = 1) and divides the
+    slowest, i = d/2 - 1, by exactly s; the pairs between are divided by
+    ``s**(2i / (d - 2))``, more the slower they turn.  High frequencies, which tell
+    neighbours apart, are kept; low ones are interpolated.  Hugging Face's ``"dynamic"``
+    rule is this with s chosen from the current sequence length.
+
+    Args:
+        d: the (even) number of rotated dimensions, at least 4.
+        factor: s >= 1.
+        base, like: as in :func:`rope_frequencies`.
+    """
+    d = _check_even("d", d)
+    if d < 4:
+        raise ValueError(f"NTK-aware scaling needs d >= 4 (its exponent is d / (d - 2)); "
+                         f"got d = {d}")
+    factor = _check_factor(factor)
+    base = _check_base(base)
+    return rope_frequencies(d, base=base * factor ** (d / (d - 2)), like=like)
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's attention factor ``0.1 ln(s) + 1`` (1 for s = 1).
+
+    Queries and keys are both multiplied by it (through cos and sin), so the scores are
+    multiplied by its square: a lower softmax temperature for the longer context.
+    """
+    factor = _check_factor(factor)
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_frequencies_yarn(d: int, factor: float, original_max_positions: int, *,
+                          base: float = 10000.0, beta_fast: float = 32.0,
+                          beta_slow: float = 1.0, truncate: bool = True,
+                          like: Any = None):
+    """YaRN (Peng et al. 2023): interpolate only the slow pairs, and a temperature.
+
+    Pair i turns ``r_i = L_train / lambda_i`` times over the training context
+    (``lambda_i = 2 pi / theta_i``, its wavelength).  Pairs that turn more than
+    ``beta_fast`` times keep theta_i (they have seen every angle many times); pairs that
+    turn less than ``beta_slow`` times are interpolated, theta_i / s, as in
+    :func:`rope_frequencies_pi`; between them a linear ramp over the pair index i blends
+    the two, ``theta'_i = (1 - gamma_i) theta_i / s + gamma_i theta_i``.  As in
+    Hugging Face's implementation (``"yarn"``), the ramp runs between the indices where
+    r_i = beta_fast and r_i = beta_slow, rounded outward when ``truncate``.
+
+    Args:
+        d: the (even) number of rotated dimensions.
+        factor: s >= 1.
+        original_max_positions: L_train, the context length of pre-training.
+        base, like: as in :func:`rope_frequencies`.
+        beta_fast, beta_slow: the paper's beta = 32 and alpha = 1 (turns over L_train).
+
+    Returns:
+        ``(inv_freq, attention_factor)``: the (d/2,) frequencies and
+        :func:`yarn_attention_factor` (s), for :func:`apply_rope_frequencies`.
+    """
+    d = _check_even("d", d)
+    factor = _check_factor(factor)
+    base = _check_base(base)
+    L_train = _check_int("original_max_positions", original_max_positions, 1)
+    beta_fast = _check_positive("beta_fast", beta_fast)
+    beta_slow = _check_positive("beta_slow", beta_slow)
+    if beta_slow >= beta_fast:
+        raise ValueError(f"beta_slow must be below beta_fast (turns over the training "
+                         f"context); got beta_slow = {beta_slow}, beta_fast = {beta_fast}")
+
+    def index_of(turns):  # the (real) pair index i where r_i = turns
+        return d * math.log(L_train / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = index_of(beta_fast), index_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # a step instead of a ramp; avoids dividing by zero
+    theta = rope_frequencies(d, base=base, like=like)  # (d/2,)
+    xp = namespace(theta=theta)
+    i = xp.arange(d // 2, dtype=theta.dtype, device=device_of(theta))
+    gamma = 1 - xp.clip((i - low) / (high - low), 0, 1)  # 1: keep theta_i, 0: theta_i / s
+    return theta / factor * (1 - gamma) + theta * gamma, yarn_attention_factor(factor)
+
+
+def rope_frequencies_llama3(d: int, factor: float, original_max_positions: int, *,
+                            base: float = 10000.0, low_freq_factor: float = 1.0,
+                            high_freq_factor: float = 4.0, like: Any = None) -> Any:
+    """Llama 3.1's frequency-dependent scaling of RoPE: (d/2,).
+
+    With ``lambda_i = 2 pi / theta_i`` the wavelength of pair i and L_train the
+    pre-training context (8192 for Llama 3, with base 500000, s = 8, low_freq_factor 1,
+    high_freq_factor 4):
+
+    - ``lambda_i < L_train / high_freq_factor``: kept, theta_i;
+    - ``lambda_i > L_train / low_freq_factor``: interpolated, theta_i / s;
+    - between: ``(1 - g) theta_i / s + g theta_i`` with
+      ``g = (L_train / lambda_i - low_freq_factor) / (high_freq_factor - low_freq_factor)``,
+      which runs from 0 to 1 across the band.
+
+    Args:
+        d: the (even) number of rotated dimensions.
+        factor: s >= 1.
+        original_max_positions: L_train.
+        base, like: as in :func:`rope_frequencies`.
+        low_freq_factor, high_freq_factor: the two band edges, as fractions of L_train.
+    """
+    factor = _check_factor(factor)
+    L_train = _check_int("original_max_positions", original_max_positions, 1)
+    low = _check_positive("low_freq_factor", low_freq_factor)
+    high = _check_positive("high_freq_factor", high_freq_factor)
+    if low >= high:
+        raise ValueError(f"low_freq_factor must be below high_freq_factor; got "
+                         f"low_freq_factor = {low}, high_freq_factor = {high}")
+    theta = rope_frequencies(d, base=base, like=like)  # (d/2,)
+    xp = namespace(theta=theta)
+    wavelength = 2 * math.pi / theta  # (d/2,)
+    g = (L_train / wavelength - low) / (high - low)  # < 0: slow band, > 1: fast band
+    smoothed = (1 - g) * theta / factor + g * theta
+    out = xp.where(wavelength > L_train / low, theta / factor, smoothed)
+    return xp.where(wavelength < L_train / high, theta, out)
+
+
+def partial_rotary_dims(head_dim: int, fraction: float) -> int:
+    """How many of a head's dimensions RoPE rotates under partial rotary embedding.
+
+    ``int(head_dim * fraction)``, the rule of GPT-NeoX's ``rotary_pct`` and Hugging
+    Face's ``partial_rotary_factor`` (GPT-NeoX-20B: 96 * 0.25 = 24).  The result must be
+    even and at least 2; compute the frequencies over this many dimensions, e.g.
+    ``rope_frequencies(partial_rotary_dims(96, 0.25))``.
+    """
+    head_dim = _check_int("head_dim", head_dim, 2)
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1]; got {fraction!r}")
+    n = int(head_dim * fraction)
+    if n < 2 or n % 2:
+        raise ValueError(f"head_dim * fraction = {head_dim} * {fraction} gives {n} rotary "
+                         f"dimensions; it must be an even number >= 2")
+    return n
+
+
+def apply_rope_frequencies(x: Any, inv_freq: Any, positions: Any = None, *,
+                           pairing: str = "rotate-half",
+                           attention_factor: float = 1.0) -> Any:
+    """RoPE with given inverse frequencies, over all or only the first dims of x.
+
+    Pair i of the first ``2 m`` dimensions of x (m = len(inv_freq)) is rotated by the
+    angle ``p * inv_freq[i]``; the remaining ``d - 2 m`` dimensions pass through
+    unchanged (partial rotary embedding, as GPT-NeoX: they carry no position).  With
+    ``inv_freq = rope_frequencies(d)`` this is :func:`apply_rope`.
+
+    Args:
+        x: queries or keys (..., L, d), float, NumPy or torch.
+        inv_freq: (m,) frequencies with 2 m <= d, from :func:`rope_frequencies`,
+            :func:`rope_frequencies_pi`, :func:`rope_frequencies_ntk`,
+            :func:`rope_frequencies_yarn` (its first result) or
+            :func:`rope_frequencies_llama3`; the backend of x.
+        positions: as in :func:`apply_rope` (None, an int offset, or an array).
+        pairing: ``"rotate-half"`` or ``"interleaved"``, within the rotated dimensions.
+        attention_factor: multiplies cos and sin (so the rotated dimensions), as Hugging
+            Face applies YaRN's factor; 1 leaves the norms unchanged.
+
+    Returns:
+        Same shape, backend, device and dtype as x.  See chapter 11.
+    """
+    check_array(x, "x", min_ndim=2, shape_hint="(..., L, d)")
+    check_array(inv_freq, "inv_freq", min_ndim=1, shape_hint="(m,)")
+    xp = namespace(x=x, inv_freq=inv_freq)
+    check_float(xp, "x", x)
+    check_float(xp, "inv_freq", inv_freq)
+    if pairing not in _PAIRINGS:
+        raise ValueError(f"pairing must be one of {_PAIRINGS}; got {pairing!r}")
+    d, m = x.shape[-1], inv_freq.shape[0]
+    if inv_freq.ndim != 1 or m < 1 or 2 * m > d:
+        raise ValueError(
+            f"inv_freq must have shape (m,) with 1 <= 2 m <= d = {d} (the last dimension "
+            f"of x, shape {tuple(x.shape)}); got shape {tuple(inv_freq.shape)}")
+    attention_factor = _check_positive("attention_factor", attention_factor)
+    p = _rope_positions(xp, x, positions)  # (..., L)
+    angles = p[..., None] * xp.astype(inv_freq, p.dtype)  # (..., L, m)
+    factor = None if attention_factor == 1 else attention_factor
+    rotated = _rotate_pairs(xp, x[..., : 2 * m], angles, pairing, factor)  # (..., L, 2m)
+    if 2 * m == d:
+        return rotated
+    return xp.concat([rotated, x[..., 2 * m:]], axis=-1)  # (..., L, d)

@@ -11,9 +11,16 @@ from attnlib.positions import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    apply_rope_frequencies,
+    partial_rotary_dims,
     rope_frequencies,
+    rope_frequencies_llama3,
+    rope_frequencies_ntk,
+    rope_frequencies_pi,
+    rope_frequencies_yarn,
     rope_permutation,
     sinusoidal_positions,
+    yarn_attention_factor,
 )
 from conftest import BACKENDS, to_backend, to_numpy
 
@@ -263,3 +270,247 @@ def test_rope_matches_transformers_llama():
     q_hf, k_hf = llama.apply_rotary_pos_emb(q, k, cos, sin)
     torch.testing.assert_close(apply_rope(q, positions=3), q_hf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(apply_rope(k, positions=3), k_hf, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------- RoPE past the training length
+def _hf_rope(rope_type, head_dim, base, factor, partial=1.0, original=None, seq_len=None,
+             **extra):
+    """Hugging Face's inverse frequencies and attention factor for a tiny Llama config."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": rope_type, "rope_theta": base, "factor": factor, **extra}
+    if partial != 1.0:
+        params["partial_rotary_factor"] = partial
+    if original is not None:
+        params["original_max_position_embeddings"] = original
+    config = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                         max_position_embeddings=4 * (original or 256),
+                         rope_parameters=params)
+    kwargs = {} if seq_len is None else {"seq_len": seq_len}
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
+    return inv_freq.double().numpy(), attention_factor, config
+
+
+HF_CASES = [(16, 10000.0, 2.0, 1.0), (32, 10000.0, 4.0, 0.5), (64, 500000.0, 8.0, 1.0),
+            (128, 10000.0, 16.0, 0.25), (96, 10000.0, 3.5, 0.25)]
+
+
+@pytest.mark.parametrize("head_dim, base, factor, partial", HF_CASES)
+def test_pi_matches_transformers_linear(head_dim, base, factor, partial):
+    want, attn, _ = _hf_rope("linear", head_dim, base, factor, partial)
+    d = partial_rotary_dims(head_dim, partial)
+    np.testing.assert_allclose(rope_frequencies_pi(d, factor, base=base), want, rtol=2e-6)
+    assert attn == 1.0
+
+
+@pytest.mark.parametrize("head_dim, base, factor, partial", HF_CASES)
+@pytest.mark.parametrize("hf_factor, stretch", [(1.0, None), (2.0, 3), (4.0, 1.5)])
+def test_ntk_matches_transformers_dynamic(head_dim, base, factor, partial, hf_factor, stretch):
+    # HF's dynamic NTK at sequence length n uses base * a**(d / (d - 2)) with
+    # a = f * n / L_max - (f - 1): pick n so that a is our factor.
+    _, _, config = _hf_rope("dynamic", head_dim, base, hf_factor, partial)
+    L_max = config.max_position_embeddings
+    n = L_max * (factor + hf_factor - 1) / hf_factor
+    want, attn, _ = _hf_rope("dynamic", head_dim, base, hf_factor, partial, seq_len=n)
+    d = partial_rotary_dims(head_dim, partial)
+    np.testing.assert_allclose(rope_frequencies_ntk(d, factor, base=base), want, rtol=2e-6)
+    assert attn == 1.0
+
+
+@pytest.mark.parametrize("head_dim, base, factor, partial", HF_CASES)
+@pytest.mark.parametrize("original", [64, 2048, 4096])
+@pytest.mark.parametrize("betas", [{}, {"beta_fast": 16.0, "beta_slow": 2.0}])
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_matches_transformers(head_dim, base, factor, partial, original, betas, truncate):
+    want, attn, _ = _hf_rope("yarn", head_dim, base, factor, partial, original,
+                             truncate=truncate, **betas)
+    d = partial_rotary_dims(head_dim, partial)
+    ours, ours_attn = rope_frequencies_yarn(d, factor, original, base=base, truncate=truncate,
+                                            **betas)
+    np.testing.assert_allclose(ours, want, rtol=2e-6)
+    assert abs(ours_attn - attn) < 1e-12 and abs(ours_attn - (0.1 * math.log(factor) + 1)) < 1e-12
+
+
+@pytest.mark.parametrize("head_dim, base, factor, partial", HF_CASES)
+@pytest.mark.parametrize("original", [64, 512, 8192])
+@pytest.mark.parametrize("bands", [(1.0, 4.0), (2.0, 8.0)])
+def test_llama3_matches_transformers(head_dim, base, factor, partial, original, bands):
+    low, high = bands
+    want, attn, _ = _hf_rope("llama3", head_dim, base, factor, partial, original,
+                             low_freq_factor=low, high_freq_factor=high)
+    d = partial_rotary_dims(head_dim, partial)
+    ours = rope_frequencies_llama3(d, factor, original, base=base, low_freq_factor=low,
+                                   high_freq_factor=high)
+    np.testing.assert_allclose(ours, want, rtol=2e-6)
+    assert attn == 1.0
+
+
+def llama3_loop(d, factor, L_train, base, low, high):
+    """Meta's rule written out pair by pair, in float64."""
+    out = []
+    for i in range(d // 2):
+        theta = base ** (-2 * i / d)
+        wavelength = 2 * math.pi / theta
+        if wavelength < L_train / high:
+            out.append(theta)
+        elif wavelength > L_train / low:
+            out.append(theta / factor)
+        else:
+            g = (L_train / wavelength - low) / (high - low)
+            out.append((1 - g) * theta / factor + g * theta)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_frequencies_follow_the_backend(backend):
+    like = to_backend(np.zeros(1), backend, "float32")
+    for freqs in (rope_frequencies_pi(16, 4, like=like), rope_frequencies_ntk(16, 4, like=like),
+                  rope_frequencies_yarn(16, 4, 64, like=like)[0],
+                  rope_frequencies_llama3(16, 4, 64, like=like)):
+        assert type(freqs) is type(like) and freqs.dtype == like.dtype
+        assert tuple(freqs.shape) == (8,)
+    np.testing.assert_allclose(to_numpy(rope_frequencies_llama3(16, 4, 64, like=like)),
+                               llama3_loop(16, 4, 64, 10000.0, 1.0, 4.0), rtol=1e-6)
+
+
+def test_scaled_frequencies_design_properties():
+    d, base, s, L = 128, 10000.0, 8.0, 4096
+    theta = rope_frequencies(d, base=base)
+    # PI: position s * p is rotated exactly as p was.
+    np.testing.assert_allclose(s * L * rope_frequencies_pi(d, s), L * theta, rtol=1e-14)
+    # NTK-aware: the fastest pair unchanged, the slowest divided by exactly s.
+    ntk = rope_frequencies_ntk(d, s)
+    assert ntk[0] == theta[0] == 1.0
+    assert abs(ntk[-1] / (theta[-1] / s) - 1) < 1e-12
+    assert np.all(np.diff(theta / ntk) > 0)  # the slower the pair, the more it is divided
+    # YaRN: pairs turning > beta_fast times over L_train kept, < beta_slow times divided.
+    yarn, _ = rope_frequencies_yarn(d, s, L)
+    turns = L * theta / (2 * math.pi)
+    np.testing.assert_array_equal(yarn[turns > 32], theta[turns > 32])
+    np.testing.assert_allclose(yarn[turns < 1], theta[turns < 1] / s, rtol=1e-14)
+    assert np.all((yarn >= theta / s * (1 - 1e-14)) & (yarn <= theta))
+    # Llama 3: the same three bands, by wavelength against L_train / 4 and L_train.
+    ll = rope_frequencies_llama3(d, s, L)
+    wavelength = 2 * math.pi / theta
+    np.testing.assert_array_equal(ll[wavelength < L / 4], theta[wavelength < L / 4])
+    np.testing.assert_allclose(ll[wavelength > L], theta[wavelength > L] / s, rtol=1e-14)
+    # factor 1 changes nothing
+    for same in (rope_frequencies_pi(d, 1), rope_frequencies_ntk(d, 1),
+                 rope_frequencies_yarn(d, 1, L)[0], rope_frequencies_llama3(d, 1, L)):
+        np.testing.assert_allclose(same, theta, rtol=1e-14)
+    assert yarn_attention_factor(1) == 1.0
+
+
+@pytest.mark.parametrize("fn, args, match", [
+    (rope_frequencies_pi, (8, 0.5), "factor"),
+    (rope_frequencies_pi, (8, float("inf")), "factor"),
+    (rope_frequencies_pi, (7, 2.0), "even"),
+    (rope_frequencies_ntk, (2, 2.0), "d >= 4"),
+    (rope_frequencies_yarn, (8, 2.0, 0), "original_max_positions"),
+    (rope_frequencies_yarn, (8, 2.0, 64, ), None),
+    (rope_frequencies_llama3, (8, 2.0, 64.5), "original_max_positions"),
+    (yarn_attention_factor, (True,), "factor"),
+    (partial_rotary_dims, (64, 0.0), "fraction"),
+    (partial_rotary_dims, (10, 0.3), "even"),
+])
+def test_scaled_frequencies_bad_input(fn, args, match):
+    if match is None:
+        fn(*args)  # the valid call
+        return
+    with pytest.raises(ValueError, match=match):
+        fn(*args)
+
+
+def test_yarn_and_llama3_reject_crossed_bands():
+    with pytest.raises(ValueError, match="beta_slow"):
+        rope_frequencies_yarn(8, 2.0, 64, beta_fast=1.0, beta_slow=32.0)
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        rope_frequencies_llama3(8, 2.0, 64, low_freq_factor=4.0, high_freq_factor=1.0)
+
+
+def test_partial_rotary_dims_gpt_neox():
+    assert partial_rotary_dims(96, 0.25) == 24  # GPT-NeoX-20B
+    assert partial_rotary_dims(128, 1.0) == 128
+    assert partial_rotary_dims(64, 0.5) == 32
+
+
+# ------------------------------------------------------------ apply_rope_frequencies
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("pairing", ["rotate-half", "interleaved"])
+def test_rope_frequencies_full_equals_apply_rope(backend, dtype, pairing, rng):
+    x = to_backend(rng.standard_normal((2, 3, 13, 8)), backend, dtype)
+    inv_freq = to_backend(rope_frequencies(8), backend, dtype)
+    ours = apply_rope_frequencies(x, inv_freq, positions=5, pairing=pairing)
+    assert ours.dtype == x.dtype and tuple(ours.shape) == tuple(x.shape)
+    np.testing.assert_allclose(to_numpy(ours), to_numpy(apply_rope(x, 5, pairing=pairing)),
+                               atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("pairing", ["rotate-half", "interleaved"])
+@pytest.mark.parametrize("d, n_rot", [(8, 2), (12, 4), (16, 8), (10, 10)])
+def test_partial_rotary_against_loop(pairing, d, n_rot, rng):
+    x = rng.standard_normal((11, d))
+    pos = np.arange(3, 14)
+    ours = apply_rope_frequencies(x, rope_frequencies(n_rot), pos, pairing=pairing)
+    np.testing.assert_allclose(ours[:, :n_rot], rope_loop(x[:, :n_rot], pos, pairing),
+                               atol=1e-12)
+    np.testing.assert_array_equal(ours[:, n_rot:], x[:, n_rot:])  # passed through
+
+
+def test_scaled_rope_keeps_the_relative_property(rng):
+    q, k = rng.standard_normal((2, 1, 32))
+    inv_freq, factor = rope_frequencies_yarn(24, 8, 64)  # partial: 24 of 32 dims
+    def score(m, n):
+        qm = apply_rope_frequencies(q, inv_freq, np.array([m]), attention_factor=factor)
+        kn = apply_rope_frequencies(k, inv_freq, np.array([n]), attention_factor=factor)
+        return (qm @ kn.T).item()
+    for m, n in [(0, 0), (5, 2), (300, 17)]:
+        assert abs(score(m, n) - score(m + 1000, n + 1000)) < 1e-9
+    # the factor multiplies the rotated part of each vector, so its score by factor**2
+    plain = apply_rope_frequencies(q, inv_freq, 4)
+    scaled = apply_rope_frequencies(q, inv_freq, 4, attention_factor=factor)
+    np.testing.assert_allclose(scaled[:, :24], factor * plain[:, :24], rtol=1e-14)
+    np.testing.assert_array_equal(scaled[:, 24:], q[:, 24:])
+
+
+def test_partial_rotary_matches_transformers_gpt_neox():
+    neox = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
+    from transformers import GPTNeoXConfig
+
+    H, d, L = 2, 16, 7
+    for rope in ({"rope_type": "default"},
+                 {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}):
+        config = GPTNeoXConfig(hidden_size=H * d, num_attention_heads=H,
+                               max_position_embeddings=128,
+                               rope_parameters={"rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5, **rope})
+        rotary = neox.GPTNeoXRotaryEmbedding(config=config)
+        q, k = torch.randn(2, 1, H, L, d)
+        position_ids = torch.arange(20, 20 + L)[None]
+        cos, sin = rotary(q, position_ids)
+        q_hf, k_hf = neox.apply_rotary_pos_emb(q, k, cos, sin)
+        n_rot = partial_rotary_dims(d, 0.5)
+        if rope["rope_type"] == "default":
+            inv_freq, factor = rope_frequencies(n_rot, like=q), 1.0
+        else:
+            inv_freq, factor = rope_frequencies_yarn(n_rot, 4.0, 32, like=q)
+        for ours_in, want in ((q, q_hf), (k, k_hf)):
+            ours = apply_rope_frequencies(ours_in, inv_freq, 20, attention_factor=factor)
+            torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=np.zeros((3, 4)), inv_freq=np.ones(3)), "2 m <= d"),
+    (dict(x=np.zeros((3, 4)), inv_freq=np.ones((2, 1))), "shape"),
+    (dict(x=np.zeros((3, 4)), inv_freq=torch.ones(2)), "mix"),
+    (dict(x=np.zeros((3, 4)), inv_freq=np.ones(2, dtype=np.int64)), "floating"),
+    (dict(x=np.zeros((3, 4), dtype=np.int64), inv_freq=np.ones(2)), "floating"),
+    (dict(x=np.zeros((3, 4)), inv_freq=np.ones(2), attention_factor=0.0), "attention_factor"),
+    (dict(x=np.zeros((3, 4)), inv_freq=np.ones(2), pairing="gptj"), "pairing"),
+])
+def test_apply_rope_frequencies_bad_input(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        apply_rope_frequencies(**kwargs)
