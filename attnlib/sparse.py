@@ -490,8 +490,9 @@ def block_sparse_attention(q: Any, k: Any, v: Any, pattern: Any = None,
 
     For each block of queries it gathers the keys and values of the active key blocks,
     runs ordinary masked attention on that narrow slice (scores, the part of the mask
-    that falls inside it, which :class:`BlockLayout` ``full`` tiles do not need, softmax,
-    weighted sum) and writes the result.  Inactive tiles are never computed, so the work is proportional to
+    that falls inside it, skipped when every active tile of the row is a
+    :class:`BlockLayout` ``full`` tile, softmax, weighted sum) and writes the result.
+    Inactive tiles are never computed, so the work is proportional to
     ``layout.fraction_computed``, not to L * S.  Because a skipped tile holds only masked
     scores, whose softmax weights are exactly zero, the result **equals** dense masked
     attention, ``scaled_dot_product_attention(q, k, v, mask, causal=causal)``.
