@@ -566,6 +566,117 @@ _exercise(
     })
 
 
+def _sinusoidal_cases(rng):
+    return [Case("6 positions, d_model = 8", (6, 8)),
+            Case("position 0 only: sin 0 = 0 and cos 0 = 1 in every pair", (1, 16)),
+            Case("d_model = 2: a single pair", (5, 2)),
+            Case("100 positions, d_model = 64", (100, 64)),
+            Case("2048 positions, d_model = 6: large angles", (2048, 6))]
+
+
+def _ref_sinusoidal(n, d_model):
+    from .positions import sinusoidal_positions
+    return sinusoidal_positions(n, d_model)
+
+
+def _sinusoidal_angles(n, d_model, exponent):
+    """(n, d_model/2) angles p / 10000**exponent(i) for the pair index i."""
+    i = np.arange(d_model // 2)
+    return np.arange(n)[:, None] / 10000.0 ** exponent(i)[None, :]
+
+
+def _sinusoidal_with(n, d_model, *, swap=False, halves=False, exponent=None):
+    a = _sinusoidal_angles(n, d_model, exponent or (lambda i: 2 * i / d_model))
+    first, second = (np.cos(a), np.sin(a)) if swap else (np.sin(a), np.cos(a))
+    if halves:
+        return np.concatenate([first, second], axis=-1)
+    return np.stack([first, second], axis=-1).reshape(n, d_model)
+
+
+def _sinusoidal_own_index(n, d_model):
+    # Each dimension j uses its own index in the exponent: 10000**(j / d_model).
+    j = np.arange(d_model)
+    a = np.arange(n)[:, None] / 10000.0 ** (j / d_model)[None, :]
+    return np.where(j % 2 == 0, np.sin(a), np.cos(a))
+
+
+_exercise(
+    key="ch09-sinusoidal", chapter=9,
+    task="sinusoidal(n, d_model): the (n, d_model) float64 sinusoidal encodings of positions "
+         "0 .. n-1, d_model even: for each pair i = 0 .. d_model/2 - 1, PE[p, 2i] = "
+         "sin(p / 10000**(2i / d_model)) and PE[p, 2i + 1] = cos(p / 10000**(2i / d_model)) "
+         "(sines and cosines interleaved, as attnlib.positions.sinusoidal_positions).",
+    reference=_ref_sinusoidal, cases=_sinusoidal_cases,
+    mistakes={
+        "sin and cos are swapped: the even dimensions 2i hold the sine, the odd ones 2i + 1 "
+        "the cosine": lambda n, d: _sinusoidal_with(n, d, swap=True),
+        "the sines and cosines are concatenated (all sines, then all cosines) instead of "
+        "interleaved: pair i is dimensions 2i and 2i + 1":
+            lambda n, d: _sinusoidal_with(n, d, halves=True),
+        "the exponent is i / d_model with i the pair index; it should be 2i / d_model":
+            lambda n, d: _sinusoidal_with(n, d, exponent=lambda i: i / d),
+        "each dimension j uses its own index in the exponent, 10000**(j / d_model), so the "
+        "cosine of pair i turns slower than its sine: both use 2i / d_model":
+            _sinusoidal_own_index,
+    })
+
+
+def _rope_cases(rng):
+    return [Case("L = 5 positions 0..4, d = 8", (rng.normal(size=(5, 8)), np.arange(5.0))),
+            Case("d = 2: a single pair", (rng.normal(size=(4, 2)), np.arange(4.0))),
+            Case("positions that are not 0..L-1: a decoding offset, fractional and large "
+                 "positions", (rng.normal(size=(4, 6)), np.array([17.0, 2.5, 1000.0, 0.0]))),
+            Case("batch and heads (2, 3, L, d), one position per row",
+                 (rng.normal(size=(2, 3, 4, 16)), np.arange(4.0) + 3)),
+            Case("d = 64, 32 positions", (rng.normal(size=(32, 64)), np.arange(32.0)))]
+
+
+def _ref_rope(x, positions):
+    from .positions import apply_rope
+    return apply_rope(x, positions)
+
+
+def _rope_interleaved(x, positions):
+    from .positions import apply_rope
+    return apply_rope(x, positions, pairing="interleaved")
+
+
+def _rope_freqs(x, positions, freqs):
+    """Rotate-half RoPE with per-dimension frequencies ``freqs`` (d,) for the cos/sin."""
+    d = x.shape[-1]
+    a = positions[:, None] * freqs[None, :]                      # (L, d)
+    rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    return x * np.cos(a) + rotated * np.sin(a)
+
+
+def _rope_theta(d, two=2):
+    return 10000.0 ** (-two * np.arange(d // 2) / d)             # (d/2,)
+
+
+_exercise(
+    key="ch09-rope", chapter=9,
+    task="rope(x, positions): x (..., L, d) with d even, positions (L,) floats; the rotary "
+         "embedding in attnlib's default rotate-half pairing: for i < d/2, dimension i is "
+         "paired with i + d/2 and the pair is turned by the angle a = positions * theta_i, "
+         "theta_i = 10000**(-2i / d): (x_i, x_{i+d/2}) -> (x_i cos a - x_{i+d/2} sin a, "
+         "x_{i+d/2} cos a + x_i sin a); returns the same shape as x (as "
+         "attnlib.positions.apply_rope(x, positions)).",
+    reference=_ref_rope, cases=_rope_cases,
+    mistakes={
+        "the pairs are interleaved, (2i, 2i + 1), as in the RoFormer paper; attnlib's default "
+        "pairs dimension i with i + d/2 (rotate-half)":
+            _rope_interleaved,
+        "the rotation goes the wrong way (angle -p theta_i): check the sign of the sine terms, "
+        "or of rotate_half, which must give (-x2, x1)": lambda x, p: _ref_rope(x, -p),
+        "the two dimensions of a pair get different frequencies (theta repeated as "
+        "theta_0, theta_0, theta_1, theta_1, ... instead of concatenated): with rotate-half, "
+        "dimensions i and i + d/2 must share theta_i":
+            lambda x, p: _rope_freqs(x, p, np.repeat(_rope_theta(x.shape[-1]), 2)),
+        "theta_i = 10000**(-i / d); the exponent is -2i / d":
+            lambda x, p: _rope_freqs(x, p, np.tile(_rope_theta(x.shape[-1], two=1), 2)),
+    })
+
+
 def _repeat_cases(rng):
     return [Case("2 KV heads, 2 query heads each", (rng.normal(size=(1, 2, 3, 4)), 2)),
             Case("MQA: 1 KV head for 4 query heads", (rng.normal(size=(2, 1, 5, 2)), 4)),

@@ -80,3 +80,23 @@ def test_chapter_2_references_agree_with_independent_computations():
     far = exercises.EXERCISES["ch02-nadaraya-watson"].reference(
         np.array([-30.0, 40.0]), x_train, y_train, 0.05)
     assert np.array_equal(far, np.array([5.0, 3.0]))
+
+
+def test_chapter_9_references_agree_with_independent_computations():
+    import math
+    # Sinusoidal encodings, one entry at a time from the formula (interleaved sin, cos).
+    pe = exercises.EXERCISES["ch09-sinusoidal"].reference(7, 10)
+    for p in range(7):
+        for i in range(5):
+            angle = p / 10000 ** (2 * i / 10)
+            assert abs(pe[p, 2 * i] - math.sin(angle)) < 1e-15
+            assert abs(pe[p, 2 * i + 1] - math.cos(angle)) < 1e-15
+    # RoPE, rotate-half: pair (i, i + d/2) turned by p * 10000**(-2i/d) with a 2x2 matrix.
+    rng = np.random.default_rng(4)
+    x, positions = rng.normal(size=(3, 6)), np.array([0.0, 4.0, 250.5])
+    out = exercises.EXERCISES["ch09-rope"].reference(x, positions)
+    for row, p in enumerate(positions):
+        for i in range(3):
+            a = p * 10000 ** (-2 * i / 6)
+            rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            assert np.allclose(out[row, [i, i + 3]], rot @ x[row, [i, i + 3]], atol=1e-12)

@@ -1,4 +1,4 @@
-"""A small decoder-only Transformer built from attnlib's modules (chapters 9 and 10).
+"""Small Transformers built from attnlib's modules (chapters 9 and 10).
 
 ::
 
@@ -14,6 +14,10 @@ Positions are one of ``"learned"`` (GPT-2's absolute table,
 RoPE needs a hook between the projections and the scores, which
 :class:`attnlib.nn.multihead.MultiHeadAttention` does not offer; chapter 9 applies it
 with :func:`attnlib.positions.apply_rope` directly.
+
+:class:`TinyEncoderDecoder` is the encoder-decoder of the original Transformer in the
+same small form: an encoder of non-causal blocks, and a decoder whose blocks
+(:class:`DecoderBlock`) add cross-attention from the target to the encoder's output.
 
 Also here: :func:`ablate_heads`, which silences chosen heads by zeroing their columns of
 the output projection, and :func:`train`, a short AdamW loop.
@@ -33,8 +37,8 @@ from torch.nn import functional as F
 from ..positions import alibi_bias, sinusoidal_positions
 from .multihead import MultiHeadAttention, silence_heads
 
-__all__ = ["LearnedPositionEmbedding", "MLP", "Block", "TinyTransformer", "ablate_heads",
-           "train", "accuracy"]
+__all__ = ["LearnedPositionEmbedding", "MLP", "Block", "TinyTransformer", "DecoderBlock",
+           "TinyEncoderDecoder", "ablate_heads", "train", "accuracy"]
 
 _POSITIONS = ("learned", "sinusoidal", "alibi", "none")
 
@@ -88,24 +92,27 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder block: causal multi-head self-attention, then an MLP.
+    """One pre-norm block: multi-head self-attention, then an MLP.
 
     ``forward(x, mask=None)`` with x (B, n, d_model) returns ``(x, weights)``: the new
     residual stream (B, n, d_model) and the per-head attention weights (B, H, n, n).
     ``mask`` is an optional float or boolean mask broadcastable to (B, H, n, n), added to
-    (or combined with) the causal mask; ALiBi's bias goes here.  ``mlp=False`` gives an
-    attention-only block.
+    (or combined with) the causal mask, if any; ALiBi's bias goes here.  ``mlp=False``
+    gives an attention-only block; ``causal=False`` an encoder block, where every
+    position sees every other.
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, mlp: bool = True) -> None:
+    def __init__(self, d_model: int, n_heads: int, *, mlp: bool = True,
+                 causal: bool = True) -> None:
         super().__init__()
+        self.causal = bool(causal)
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = MultiHeadAttention(d_model, n_heads)
         self.ln_mlp = nn.LayerNorm(d_model) if mlp else None
         self.mlp = MLP(d_model) if mlp else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        h, weights = self.attn(self.ln_attn(x), mask=mask, causal=True,
+        h, weights = self.attn(self.ln_attn(x), mask=mask, causal=self.causal,
                                return_weights=True, average_weights=False)
         x = x + h  # (B, n, d_model)
         if self.mlp is not None:
@@ -191,6 +198,134 @@ class TinyTransformer(nn.Module):
         return (logits, all_weights) if return_weights else logits
 
 
+class DecoderBlock(nn.Module):
+    """One pre-norm decoder block of an encoder-decoder (Vaswani et al. 2017).
+
+    Three sublayers, each added to the residual stream::
+
+        x = x + MultiHeadAttention(LayerNorm(x), causal)            self-attention
+        x = x + MultiHeadAttention(LayerNorm(x), memory, memory)    cross-attention
+        x = x + MLP(LayerNorm(x))
+
+    ``forward(x, memory)`` with target-side x (B, L, d_model) and the encoder's output
+    ``memory`` (B, S, d_model) returns ``(x, cross_weights)``: the new residual stream
+    (B, L, d_model) and the per-head cross-attention weights (B, H, L, S), row i saying
+    where target position i reads the source.  Queries come from the target, keys and
+    values from the source (chapter 6's cross-attention, L != S allowed).
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.ln_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads)
+        self.ln_cross = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor):
+        x = x + self.self_attn(self.ln_self(x), causal=True)          # (B, L, d_model)
+        h, cross = self.cross_attn(self.ln_cross(x), memory, return_weights=True,
+                                   average_weights=False)            # (B, H, L, S)
+        x = x + h
+        x = x + self.mlp(self.ln_mlp(x))
+        return x, cross  # (B, L, d_model), (B, H, L, S)
+
+
+class TinyEncoderDecoder(nn.Module):
+    """A small encoder-decoder Transformer for sequence-to-sequence tasks (chapter 10).
+
+    ::
+
+        src (B, S)    -> embedding + learned positions -> n_layers x Block(causal=False)
+                      -> LayerNorm = memory                          (B, S, d_model)
+        tgt_in (B, L) -> embedding + learned positions -> n_layers x DecoderBlock(memory)
+                      -> LayerNorm -> unembedding                    (B, L, vocab_size)
+
+    Source and target share the vocabulary and the token embedding; each side has its
+    own position table.  ``tgt_in`` is the target shifted right (a start token first),
+    so position t predicts target token t from the source and the target tokens before t
+    (teacher forcing); :meth:`generate` decodes greedily instead.
+
+    Args:
+        vocab_size: number of token ids (source, target and the start token).
+        d_model, n_heads, n_layers: as in :class:`TinyTransformer`; ``n_layers`` blocks
+            on each side.
+        max_len: longest source and longest target.
+        embed_std: standard deviation of the initial token and position embeddings.
+
+    ``forward(src, tgt_in)`` returns logits (B, L, vocab_size); with
+    ``return_weights=True`` also the list of per-layer cross-attention weights, each
+    (B, H, L, S).  Target position t depends on ``tgt_in[:, :t + 1]`` only.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 32, n_heads: int = 1,
+                 n_layers: int = 1, max_len: int = 16, *, embed_std: float = 0.02) -> None:
+        super().__init__()
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.max_len = _positive_int("max_len", max_len)
+        n_layers = _positive_int("n_layers", n_layers)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=embed_std)
+        self.src_pos = LearnedPositionEmbedding(max_len, d_model, std=embed_std)
+        self.tgt_pos = LearnedPositionEmbedding(max_len, d_model, std=embed_std)
+        self.encoder = nn.ModuleList(Block(d_model, n_heads, causal=False)
+                                     for _ in range(n_layers))
+        self.ln_memory = nn.LayerNorm(d_model)
+        self.decoder = nn.ModuleList(DecoderBlock(d_model, n_heads) for _ in range(n_layers))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, vocab_size, bias=False)
+
+    def _check(self, tokens, name: str) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
+            raise TypeError(f"{name} must be an integer torch tensor (B, n); got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.max_len:
+            raise ValueError(f"{name} must have shape (B, n) with 1 <= n <= max_len = "
+                             f"{self.max_len}; got {tuple(tokens.shape)}")
+        if not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
+            raise ValueError(f"{name} must lie in 0 .. vocab_size - 1 (vocab_size = "
+                             f"{self.vocab_size}); got ids from {int(tokens.min())} to "
+                             f"{int(tokens.max())}")
+
+    def encode(self, src: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for ``src`` (B, S): memory (B, S, d_model)."""
+        self._check(src, "src")
+        x = self.embed(src) + self.src_pos(src.shape[1])  # (B, S, d_model)
+        for block in self.encoder:
+            x, _ = block(x)
+        return self.ln_memory(x)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, *,
+                return_weights: bool = False):
+        memory = self.encode(src)                                  # (B, S, d_model)
+        self._check(tgt_in, "tgt_in")
+        if tgt_in.shape[0] != src.shape[0]:
+            raise ValueError(f"src and tgt_in must have the same batch size B; got "
+                             f"{src.shape[0]} and {tgt_in.shape[0]}")
+        x = self.embed(tgt_in) + self.tgt_pos(tgt_in.shape[1])     # (B, L, d_model)
+        cross = []
+        for block in self.decoder:
+            x, w = block(x, memory)                                # w: (B, H, L, S)
+            cross.append(w)
+        logits = self.unembed(self.ln_out(x))                      # (B, L, vocab_size)
+        return (logits, cross) if return_weights else logits
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """Greedy decoding: ``length`` target tokens (B, length) for ``src`` (B, S),
+        each the argmax given the source and the tokens generated before it, starting
+        from the token id ``start``."""
+        length = _positive_int("length", length)
+        if length > self.max_len:
+            raise ValueError(f"length = {length} exceeds max_len = {self.max_len}")
+        out = torch.full((src.shape[0], 1), start, dtype=torch.long, device=src.device)
+        for _ in range(length):
+            logits = self(src, out)                                # (B, t, vocab_size)
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out[:, 1:]  # (B, length), without the start token
+
+
 @contextlib.contextmanager
 def ablate_heads(model: TinyTransformer, heads: Iterable[tuple[int, int]]) -> Iterator[None]:
     """Silence heads inside a ``with`` block; ``heads`` holds (layer, head) pairs.
@@ -204,10 +339,19 @@ def ablate_heads(model: TinyTransformer, heads: Iterable[tuple[int, int]]) -> It
         yield
 
 
-def accuracy(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of positions with ``targets != -100`` where the argmax logit is right."""
+def _run(model: nn.Module, tokens):
+    """``model(tokens)``, or ``model(*tokens)`` for a tuple such as (src, tgt_in)."""
+    return model(*tokens) if isinstance(tokens, tuple) else model(tokens)
+
+
+def accuracy(model: nn.Module, tokens, targets: torch.Tensor) -> float:
+    """Fraction of positions with ``targets != -100`` where the argmax logit is right.
+
+    ``tokens`` is the model's input (B, n), or a tuple of inputs such as
+    ``(src, tgt_in)`` for :class:`TinyEncoderDecoder` (teacher forcing).
+    """
     with torch.no_grad():
-        pred = model(tokens).argmax(dim=-1)  # (B, n)
+        pred = _run(model, tokens).argmax(dim=-1)  # (B, n)
     keep = targets != -100
     return (pred[keep] == targets[keep]).double().mean().item()
 
@@ -218,7 +362,9 @@ def train(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.T
     """Train with AdamW on next-token cross-entropy; return the loss of every step.
 
     ``make_batch()`` returns ``(tokens, targets)``, both (B, n); ``targets[b, t]`` is the
-    id that position t should predict, or -100 where nothing is asked.  The learning
+    id that position t should predict, or -100 where nothing is asked.  For a model with
+    several inputs, ``tokens`` is a tuple of them, e.g. ``(src, tgt_in)`` for
+    :class:`TinyEncoderDecoder`, and the targets are (B, L).  The learning
     rate warms up linearly for ``warmup`` steps and then decays to zero (cosine).
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -231,7 +377,7 @@ def train(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.T
     losses = []
     for _ in range(steps):
         tokens, targets = make_batch()
-        logits = model(tokens)  # (B, n, vocab_size)
+        logits = _run(model, tokens)  # (B, n, vocab_size)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
