@@ -94,7 +94,42 @@ def _check_new_kv(k: Any, v: Any, held_k: Any, held_v: Any):
 
 
 # ------------------------------------------------------------------------------ the cache
-class KVCache:
+class _KVBuffers:
+    """What both caches share: key and value buffers, of which the first ``_filled``
+    slots hold positions, and views and byte counts of that filled part."""
+
+    _k = _v = None  # (..., allocated, d_k) and (..., allocated, d_v) buffers
+
+    @property
+    def _filled(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def allocated(self) -> int:
+        """Slots the buffers have room for (0 before the first append)."""
+        return 0 if self._k is None else self._k.shape[-2]
+
+    @property
+    def keys(self):
+        """The cached keys (..., filled, d_k), a view; ``None`` before the first append."""
+        return None if self._k is None else self._k[..., : self._filled, :]
+
+    @property
+    def values(self):
+        """The cached values (..., filled, d_v), a view; ``None`` before the first append."""
+        return None if self._v is None else self._v[..., : self._filled, :]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (the filled part, not the allocation)."""
+        if self._k is None:
+            return 0
+        item = self._k.dtype.itemsize
+        per_position = math.prod(self._k.shape[:-2]) * (self._k.shape[-1] + self._v.shape[-1])
+        return per_position * self._filled * item
+
+
+class KVCache(_KVBuffers):
     """One layer's cache of keys and values, for incremental (token-by-token) decoding.
 
     Args:
@@ -130,28 +165,8 @@ class KVCache:
         return self._length
 
     @property
-    def allocated(self) -> int:
-        """The number of positions the buffers have room for (0 before the first append)."""
-        return 0 if self._k is None else self._k.shape[-2]
-
-    @property
-    def keys(self):
-        """The cached keys (..., S, d_k), a view; ``None`` before the first append."""
-        return None if self._k is None else self._k[..., : self._length, :]
-
-    @property
-    def values(self):
-        """The cached values (..., S, d_v), a view; ``None`` before the first append."""
-        return None if self._v is None else self._v[..., : self._length, :]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held (the filled part, not the allocation)."""
-        if self._k is None:
-            return 0
-        item = self._k.dtype.itemsize
-        per_position = math.prod(self._k.shape[:-2]) * (self._k.shape[-1] + self._v.shape[-1])
-        return per_position * self._length * item
+    def _filled(self) -> int:
+        return self._length
 
     # -- changes -----------------------------------------------------------------------
     def reset(self) -> None:
@@ -264,7 +279,7 @@ def attention_sink_mask(L: int, S: int | None = None, *, window: int, n_sink: in
     return mask_or(sinks, recent)
 
 
-class SlidingWindowKVCache:
+class SlidingWindowKVCache(_KVBuffers):
     """A KV cache of fixed size: the first ``n_sink`` positions and the last ``window``.
 
     Args:
@@ -321,19 +336,8 @@ class SlidingWindowKVCache:
         return min(self._seen, self.capacity)
 
     @property
-    def allocated(self) -> int:
-        """Slots the buffers have room for (0 before the first append, then capacity)."""
-        return 0 if self._k is None else self._k.shape[-2]
-
-    @property
-    def keys(self):
-        """The cached keys (..., held, d_k) in slot order, a view; None before append."""
-        return None if self._k is None else self._k[..., : self.held, :]
-
-    @property
-    def values(self):
-        """The cached values (..., held, d_v) in slot order, a view; None before append."""
-        return None if self._v is None else self._v[..., : self.held, :]
+    def _filled(self) -> int:  # keys and values come in slot order, not position order
+        return self.held
 
     @property
     def positions(self) -> np.ndarray:
@@ -349,14 +353,6 @@ class SlidingWindowKVCache:
         """
         return np.argsort(np.argsort(self.positions))
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held (constant once the cache is full)."""
-        if self._k is None:
-            return 0
-        item = self._k.dtype.itemsize
-        per_position = math.prod(self._k.shape[:-2]) * (self._k.shape[-1] + self._v.shape[-1])
-        return per_position * self.held * item
 
     def slot(self, position: int) -> int:
         """The slot that holds (or will hold) a given position."""
